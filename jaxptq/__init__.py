@@ -1,0 +1,9 @@
+"""jaxptq: post-training quantization of JAX, Flax and ONNX models to real int8 programs."""
+
+from jaxptq.config import ConfigError as ConfigError
+from jaxptq.config import QuantConfig as QuantConfig
+
+__all__ = [
+    "ConfigError",
+    "QuantConfig",
+]
