@@ -179,12 +179,35 @@ class DynamicQuantParam:
         _choice("dynamic_quant_param", "quant_strategy", self.quant_strategy, QUANT_STRATEGIES)
 
 
+KV_GRANULARITIES = ("PER_TOKEN_HEAD", "PER_CHANNEL")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCacheQuantParam:
+    """`[kv_cache_quant_param]`: integer key/value cache of a decoder (jaxptq extension)."""
+
+    # Store the attention key/value cache as integers (quantize on write, dequantize on read).
+    kv_enable: bool = False
+    # PER_TOKEN_HEAD: a scale per written token and head, computed at write time (dynamic).
+    # PER_CHANNEL: a scale per head-dim channel, calibrated once over calibration text.
+    kv_granularity: str = "PER_TOKEN_HEAD"
+    # Bits of the stored values, 2..8; all widths are held in int8 containers.
+    kv_bits: int = 8
+
+    def validate(self) -> None:
+        s = "kv_cache_quant_param"
+        _bool(s, "kv_enable", self.kv_enable)
+        _choice(s, "kv_granularity", self.kv_granularity, KV_GRANULARITIES)
+        _int_range(s, "kv_bits", self.kv_bits, 2, 8)
+
+
 SECTIONS: dict[str, type] = {
     "common_quant_param": CommonQuantParam,
     "mixed_bit_weight_quant_param": MixedBitWeightQuantParam,
     "full_quant_param": FullQuantParam,
     "data_preprocess_param": DataPreprocessParam,
     "dynamic_quant_param": DynamicQuantParam,
+    "kv_cache_quant_param": KVCacheQuantParam,
 }
 
 
@@ -222,6 +245,7 @@ class QuantConfig:
     full_quant_param: FullQuantParam = field(default_factory=FullQuantParam)
     data_preprocess_param: DataPreprocessParam = field(default_factory=DataPreprocessParam)
     dynamic_quant_param: DynamicQuantParam = field(default_factory=DynamicQuantParam)
+    kv_cache_quant_param: KVCacheQuantParam = field(default_factory=KVCacheQuantParam)
 
     def __post_init__(self) -> None:
         for section in SECTIONS:
