@@ -1,0 +1,1 @@
+"""Importers: turn models from other frameworks into traceable JAX functions."""
