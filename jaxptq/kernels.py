@@ -1,0 +1,156 @@
+"""Quantized implementations of a site, one per kind of `SitePlan`.
+
+Each kernel is split in two: `*_args` turns a `SitePlan` into the arrays the program
+takes as arguments (integer weights travel as arguments, never as HLO constants), and
+`*_apply` is the traced code that replaces the float `dot_general` / convolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxptq import qmath
+from jaxptq.graph import Site
+from jaxptq.layout import SiteLayout, site_layout, to_output
+from jaxptq.plan import SitePlan
+
+Args = dict[str, Any]
+_INT8 = qmath.signed_range(8)
+
+
+def _operands(site: Site, x: Any, w: Any) -> tuple[Any, Any]:
+    return (w, x) if site.weight_index == 0 else (x, w)
+
+
+def _bind_int(site: Site, x_q: Any, w_q: Any, params: dict[str, Any]) -> Any:
+    """The i8 x i8 -> i32 dot/convolution, with the site's own dimension numbers."""
+    params = dict(params, preferred_element_type=np.dtype(np.int32))
+    if "precision" in params:
+        params["precision"] = None
+    return site.node.primitive.bind(*_operands(site, x_q, w_q), **params)
+
+
+# --- weight-only ------------------------------------------------------------------------
+
+
+def weight_only_args(plan: SitePlan, site: Site, packed: bool) -> Args:
+    assert plan.weight_q is not None and plan.weight_scale is not None and plan.bits
+    q = plan.weight_q
+    if packed and plan.bits < 8:
+        q = qmath.pack(q, plan.bits)
+    return {"q": q, "scale": plan.weight_scale}
+
+
+def weight_only_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:
+    q = args["q"]
+    if q.dtype == jnp.uint8:  # packed sub-8-bit weights: unpack inside the program
+        assert plan.bits is not None
+        q = qmath.unpack(q, plan.bits, plan.weight_elements).reshape(plan.weight_shape)
+    dtype = site.node.inputs[site.weight_index].aval.dtype
+    w = (q.astype(jnp.float32) * args["scale"]).astype(dtype)
+    x = vals[1 - site.weight_index]
+    return site.node.primitive.bind(*_operands(site, x, w), **site.node.params)
+
+
+# --- static int8 (FULL_QUANT) -------------------------------------------------------------
+
+
+def static_args(plan: SitePlan, site: Site) -> Args:
+    assert plan.weight_q is not None and plan.weight_scale is not None
+    assert plan.act_scale is not None and plan.act_zero_point is not None
+    lay = site_layout(site)
+    w_scale = to_output(plan.weight_scale, lay.weight_to_out, lay.out_ndim)
+    args: Args = {
+        "q": plan.weight_q.astype(np.int8),
+        "inv_scale": np.float32(1.0 / plan.act_scale),
+        "out_scale": (np.float32(plan.act_scale) * w_scale).astype(np.float32),
+    }
+    if plan.act_zero_point != 0:
+        # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q: the second term is a constant.
+        w_sum = plan.weight_q.astype(np.int32).sum(axis=lay.weight_contracting, keepdims=True)
+        args["zp_term"] = (
+            np.int32(plan.act_zero_point) * to_output(w_sum, lay.weight_to_out, lay.out_ndim)
+        ).astype(np.int32)
+    if plan.bias_correction is not None:
+        args["bias"] = plan.bias_correction.astype(np.float32)
+    return args
+
+
+def _quantize_act(x: Any, inv_scale: Any, zero_point: int) -> Any:
+    q = jnp.round(x.astype(jnp.float32) * inv_scale) + zero_point
+    return jnp.clip(q, *_INT8).astype(jnp.int8)
+
+
+def _pad_with_zero_point(site: Site, x_q: Any, zero_point: int) -> tuple[Any, dict[str, Any]]:
+    """Pads with the zero point's code, so padding means float 0 as in the float conv."""
+    params = dict(site.node.params)
+    if site.primitive != "conv_general_dilated" or zero_point == 0:
+        return x_q, params
+    lhs_spec = params["dimension_numbers"][0]
+    config = [(0, 0, 0)] * x_q.ndim
+    for axis, (lo, hi) in zip(lhs_spec[2:], params["padding"], strict=True):
+        config[axis] = (lo, hi, 0)
+    params["padding"] = tuple((0, 0) for _ in params["padding"])
+    return lax.pad(x_q, jnp.int8(zero_point), config), params
+
+
+def static_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:
+    assert plan.act_zero_point is not None
+    x = vals[1 - site.weight_index]
+    x_q = _quantize_act(x, args["inv_scale"], plan.act_zero_point)
+    x_q, params = _pad_with_zero_point(site, x_q, plan.act_zero_point)
+    acc = _bind_int(site, x_q, args["q"], params)
+    if "zp_term" in args:
+        acc = acc - args["zp_term"]
+    y = acc.astype(jnp.float32) * args["out_scale"]
+    if "bias" in args:
+        y = y + args["bias"]
+    return y.astype(site.node.outputs[0].aval.dtype)
+
+
+# --- dynamic int8 (DYNAMIC_QUANT) ---------------------------------------------------------
+
+
+def dynamic_args(plan: SitePlan, site: Site) -> Args:
+    assert plan.weight_q is not None and plan.weight_scale is not None
+    lay = site_layout(site)
+    return {
+        "q": plan.weight_q.astype(np.int8),
+        "w_scale": to_output(plan.weight_scale, lay.weight_to_out, lay.out_ndim).astype(np.float32),
+    }
+
+
+def dynamic_act_scale(x: Any, lay: SiteLayout, per_row: bool) -> Any:
+    """Symmetric int8 scale of an activation, per tensor or per row (non-contracting index)."""
+    axes = lay.act_contracting if per_row else tuple(range(x.ndim))
+    absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
+    return jnp.maximum(absmax / _INT8[1], qmath._TINY)
+
+
+def dynamic_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:
+    lay = site_layout(site)
+    x = vals[1 - site.weight_index]
+    scale = dynamic_act_scale(x, lay, per_row=plan.act_mode == "dynamic_row")
+    x_q = _quantize_act(x, 1.0 / scale, 0)
+    acc = _bind_int(site, x_q, args["q"], dict(site.node.params))
+    if plan.act_mode == "dynamic_row":
+        scale = to_output(scale, lay.act_to_out, lay.out_ndim)
+    else:
+        scale = scale.reshape(())
+    y = acc.astype(jnp.float32) * (scale * args["w_scale"])
+    return y.astype(site.node.outputs[0].aval.dtype)
+
+
+Kernel = tuple[Callable[..., Args], Callable[[SitePlan, Site, list[Any], Args], Any]]
+
+KERNELS: dict[str | None, Kernel] = {
+    None: (weight_only_args, weight_only_apply),
+    "static": (lambda plan, site, packed: static_args(plan, site), static_apply),
+    "dynamic_tensor": (lambda plan, site, packed: dynamic_args(plan, site), dynamic_apply),
+    "dynamic_row": (lambda plan, site, packed: dynamic_args(plan, site), dynamic_apply),
+}

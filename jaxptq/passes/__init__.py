@@ -1,0 +1,1 @@
+"""Plan-building passes, one per quantization mode."""

@@ -1,0 +1,76 @@
+"""Instrumented evaluations of the float program: what each site sees and produces.
+
+Calibration, bias correction and the debug reports all need per-site tensors of the
+float model; these builders return traceable functions of one batch, so the callers can
+jit them and reduce on device instead of keeping tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from jaxptq import kernels
+from jaxptq.graph import Site, evaluate
+from jaxptq.plan import SitePlan
+from jaxptq.rewrite import GraphCache
+
+
+def _float_consts(graph: Any) -> dict[int, Any]:
+    return {v.id: v.const for v in graph.runtime_consts()}
+
+
+def site_inputs(
+    graphs: GraphCache, in_tree: Any, names: Sequence[str]
+) -> Callable[..., dict[str, jax.Array]]:
+    """`(*flat_batch) -> {site: activation operand}` for the named sites."""
+    wanted = set(names)
+
+    def fn(*flat: Any) -> dict[str, jax.Array]:
+        args = jax.tree_util.tree_unflatten(in_tree, flat)
+        graph = graphs.get(args)
+        seen: dict[str, jax.Array] = {}
+
+        def record(site: Site, vals: list[Any]) -> Any:
+            seen[site.name] = vals[1 - site.weight_index]
+            return site.node.primitive.bind(*vals, **site.node.params)
+
+        rules = {id(s.node): record for s in graph.sites if s.name in wanted}
+        jax_args = jax.tree_util.tree_leaves(args)
+        _evaluate_float(graph, jax_args, rules)
+        return seen
+
+    return fn
+
+
+def site_output_pairs(
+    graphs: GraphCache, in_tree: Any, plans: Sequence[SitePlan]
+) -> Callable[..., dict[str, tuple[jax.Array, jax.Array]]]:
+    """`(*flat_batch) -> {site: (float output, quantized output)}`, both from the float
+    input of the site, so each site's own error is measured apart from the others'."""
+    by_name = {p.name: p for p in plans if p.quantized}
+
+    def fn(*flat: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+        args = jax.tree_util.tree_unflatten(in_tree, flat)
+        graph = graphs.get(args)
+        pairs: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+        def both(site: Site, vals: list[Any]) -> Any:
+            plan = by_name[site.name]
+            make_args, apply = kernels.KERNELS[plan.act_mode]
+            y_float = site.node.primitive.bind(*vals, **site.node.params)
+            y_quant = apply(plan, site, vals, make_args(plan, site, False))
+            pairs[site.name] = (y_float, y_quant)
+            return y_float
+
+        rules = {id(s.node): both for s in graph.sites if s.name in by_name}
+        _evaluate_float(graph, jax.tree_util.tree_leaves(args), rules)
+        return pairs
+
+    return fn
+
+
+def _evaluate_float(graph: Any, flat: Sequence[Any], rules: dict[int, Any]) -> list[Any]:
+    return evaluate(graph, _float_consts(graph), flat, rules)

@@ -1,0 +1,131 @@
+"""Applying a plan: the float program with each quantized site replaced by its kernel."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxptq import kernels
+from jaxptq.graph import Graph, Site, build_graph, evaluate
+from jaxptq.plan import QuantPlan, SitePlan
+
+
+def _shape_key(flat: list[Any], tree: Any) -> tuple[Any, ...]:
+    return (tree, tuple((tuple(np.shape(a)), str(np.result_type(a))) for a in flat))
+
+
+class GraphCache:
+    """One traced, folded graph per input signature: the plan is shape-free, graphs are not."""
+
+    def __init__(self, fn: Callable[..., Any], paths: Mapping[int, str]):
+        self.fn = fn
+        self.paths = paths
+        self._graphs: dict[tuple[Any, ...], Graph] = {}
+
+    def get(self, args: tuple[Any, ...]) -> Graph:
+        flat, tree = jax.tree_util.tree_flatten(args)
+        key = _shape_key(flat, tree)
+        if key not in self._graphs:
+            self._graphs[key] = build_graph(self.fn, args, self.paths)
+        return self._graphs[key]
+
+
+class QuantizedFunction:
+    """The quantized twin of a float function: call it, jit it, vmap it, lower it.
+
+    Attributes:
+        plan: the `QuantPlan` it applies.
+    """
+
+    def __init__(self, fn: Callable[..., Any], plan: QuantPlan, graphs: GraphCache):
+        self.fn = fn
+        self.plan = plan
+        self._graphs = graphs
+        self._programs: dict[int, _Program] = {}
+        self._site_args: dict[str, dict[str, Any]] | None = None
+        functools.update_wrapper(self, fn, updated=())
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedFunction({getattr(self.fn, '__name__', self.fn)!r}, {self.plan.quant_type})"
+        )
+
+    def _matched_sites(self, graph: Graph) -> list[tuple[Site, SitePlan]]:
+        names = [s.name for s in graph.sites]
+        expected = [s.name for s in self.plan.sites]
+        if names != expected:
+            raise ValueError(
+                "the function traced at these input shapes has sites "
+                f"{names[:5]}{'...' if len(names) > 5 else ''}, but the plan was made for "
+                f"{expected[:5]}{'...' if len(expected) > 5 else ''}; call it with inputs "
+                "like the calibration samples."
+            )
+        return list(zip(graph.sites, self.plan.sites, strict=True))
+
+    def site_args(self) -> dict[str, dict[str, Any]]:
+        """Every quantized site's runtime arrays (integer weights, scales), on device."""
+        if self._site_args is None:
+            graph = next(iter(self._graphs._graphs.values()))
+            out = {}
+            for site, sp in self._matched_sites(graph):
+                if sp.quantized:
+                    make_args = kernels.KERNELS[sp.act_mode][0]
+                    out[sp.name] = jax.device_put(make_args(sp, site, self.plan.packed))
+            self._site_args = out
+        return self._site_args
+
+    def _program(self, graph: Graph) -> _Program:
+        program = self._programs.get(id(graph))
+        if program is not None:
+            return program
+        matched = [(s, sp) for s, sp in self._matched_sites(graph) if sp.quantized]
+        consts = graph.runtime_consts([s for s, _ in matched])
+
+        def run(site_args: dict[str, Any], const_arrays: list[Any], *flat_args: Any) -> Any:
+            rules = {}
+            for site, sp in matched:
+                apply = kernels.KERNELS[sp.act_mode][1]
+                rules[id(site.node)] = functools.partial(
+                    _call_kernel, apply, sp, site_args[sp.name]
+                )
+            env = {v.id: c for v, c in zip(consts, const_arrays, strict=True)}
+            outs = evaluate(graph, env, flat_args, rules)
+            return jax.tree_util.tree_unflatten(graph.out_tree, outs)
+
+        const_arrays = jax.device_put([np.asarray(v.const) for v in consts])
+        program = _Program(jax.jit(run), const_arrays)
+        self._programs[id(graph)] = program
+        return program
+
+    def __call__(self, *args: Any) -> Any:
+        graph = self._graphs.get(args)
+        flat = jax.tree_util.tree_leaves(args)
+        return self._program(graph)(self.site_args(), *flat)
+
+    def lower(self, *args: Any) -> jax.stages.Lowered:
+        """The lowered program; `.as_text()` is its StableHLO."""
+        graph = self._graphs.get(args)
+        flat = jax.tree_util.tree_leaves(args)
+        return self._program(graph).lower(self.site_args(), *flat)
+
+
+class _Program:
+    """A jitted program with its float constants bound as arguments."""
+
+    def __init__(self, jitted: Any, const_arrays: list[Any]):
+        self.jitted = jitted
+        self.const_arrays = const_arrays
+
+    def __call__(self, site_args: Any, *flat: Any) -> Any:
+        return self.jitted(site_args, self.const_arrays, *flat)
+
+    def lower(self, site_args: Any, *flat: Any) -> jax.stages.Lowered:
+        return self.jitted.lower(site_args, self.const_arrays, *flat)
+
+
+def _call_kernel(apply: Any, sp: SitePlan, args: Any, site: Site, vals: list[Any]) -> Any:
+    return apply(sp, site, vals, args)

@@ -1,0 +1,35 @@
+"""Target profiles: the integer conventions each backend accepts.
+
+Where each rule comes from:
+- `CPU`: onnxruntime on x86 fuses QDQ into integer kernels for U8 activations x S8
+  weights (its MLAS kernels); signed activations left half the convolutions in float
+  in our measurement, so CPU uses unsigned asymmetric activations.
+- `NVGPU`: TensorRT takes symmetric signed int8 activations and per-channel symmetric
+  weights (its explicit-quantization docs require zero points of 0).
+- `DSP`: Hexagon-style fixed-point DSP toolchains take uint8 asymmetric activations,
+  int8 symmetric per-channel weights and int32 biases.
+- `ASCEND`: the Ascend AMCT/ATC int8 flow takes int8 activations with an offset,
+  int8 symmetric per-channel weights and int32 biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    act_unsigned: bool  # activations exported as uint8 (zero point shifted by 128)
+    act_symmetric: bool  # activation zero point fixed at 0
+    per_channel_weights: bool = True
+    bias_int32: bool = True
+
+
+TARGETS: dict[str | None, TargetProfile] = {
+    None: TargetProfile("GENERIC", act_unsigned=False, act_symmetric=False, bias_int32=False),
+    "ASCEND": TargetProfile("ASCEND", act_unsigned=False, act_symmetric=False),
+    "CPU": TargetProfile("CPU", act_unsigned=True, act_symmetric=False, bias_int32=False),
+    "DSP": TargetProfile("DSP", act_unsigned=True, act_symmetric=False),
+    "NVGPU": TargetProfile("NVGPU", act_unsigned=False, act_symmetric=True, bias_int32=False),
+}
