@@ -92,7 +92,7 @@ def conv_transpose(node: Node, inputs: Inputs) -> Value:
     if target is not None:
         target = list(target)[-nsp:]
         totals = [f - t for f, t in zip(full, target, strict=True)]
-        upper = auto != "SAME_LOWER"
+        upper = auto == "SAME_UPPER"
         pads = [(t // 2, t - t // 2) if upper else (t - t // 2, t // 2) for t in totals]
     elif auto == "VALID":
         pads = [(0, 0)] * nsp

@@ -72,7 +72,8 @@ def reshape(node: Node, inputs: Inputs) -> Value:
 @register("Flatten")
 def flatten(node: Node, inputs: Inputs) -> Value:
     x = inputs[0]
-    axis = node.attr("axis", 1) % (np.ndim(x) + 1)
+    axis = node.attr("axis", 1)
+    axis = axis + np.ndim(x) if axis < 0 else axis  # range [-rank, rank]
     outer = int(np.prod(np.shape(x)[:axis]))
     return x.reshape(outer, -1) if outer else x.reshape(0, int(np.prod(np.shape(x)[axis:])))
 
