@@ -144,7 +144,8 @@ class OnnxFunction:
             if not hasattr(a, "shape") or not hasattr(a, "dtype"):
                 a = np.asarray(a)
             got = np.dtype(a.dtype)
-            if canonical(got) != canonical(spec.dtype):
+            # The declared dtype, or what JAX uses for it (int32 for int64 with x64 off).
+            if got not in (spec.dtype, canonical(spec.dtype)):
                 raise TypeError(
                     f"input `{spec.name}`: expected dtype {spec.dtype}, got {got}"
                 )
