@@ -135,7 +135,7 @@ def ptq(
         if config.common_quant_param.bit_num == 0:
             from jaxptq.passes.mixed_bit import plan_mixed_bit
 
-            plans = plan_mixed_bit(graph.sites, config, graphs, tree, samples)
+            plans = plan_mixed_bit(graph.sites, config, graphs, tree, samples, notes)
         else:
             plans = plan_weight_quant(graph.sites, config)
     elif quant_type == "DYNAMIC_QUANT":
