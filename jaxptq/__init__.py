@@ -2,14 +2,24 @@
 
 from jaxptq.accuracy_control import AccuracyControlResult as AccuracyControlResult
 from jaxptq.accuracy_control import ptq_with_accuracy_control as ptq_with_accuracy_control
+from jaxptq.api import apply_plan as apply_plan
+from jaxptq.api import ptq as ptq
 from jaxptq.config import ConfigError as ConfigError
 from jaxptq.config import QuantConfig as QuantConfig
 from jaxptq.importers.onnx import import_onnx as import_onnx
+from jaxptq.plan import QuantPlan as QuantPlan
+from jaxptq.plan import SitePlan as SitePlan
+from jaxptq.rewrite import QuantizedFunction as QuantizedFunction
 
 __all__ = [
     "AccuracyControlResult",
     "ConfigError",
     "QuantConfig",
+    "QuantPlan",
+    "QuantizedFunction",
+    "SitePlan",
+    "apply_plan",
     "import_onnx",
+    "ptq",
     "ptq_with_accuracy_control",
 ]

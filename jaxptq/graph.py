@@ -31,6 +31,7 @@ _SUBJAXPR_PARAM = {
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
     "remat": "jaxpr",
+    "remat2": "jaxpr",
     "checkpoint": "jaxpr",
 }
 # Primitives with bodies that stay opaque; sites inside them are not quantized (yet).

@@ -16,3 +16,6 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (set JAXPTQ_SHARED_DATA)")
     return SHARED_DATA
+
+
+from tests.digits_fixtures import calib, digits_data, lenet, mlp  # noqa: E402,F401  (fixtures)

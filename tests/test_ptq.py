@@ -1,0 +1,295 @@
+"""End to end: LeNet-5 and an MLP trained on real digits, quantized in every mode."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import jaxptq
+from jaxptq.models import digits
+from tests.digits_fixtures import site_operand_dtypes
+
+ALL_SITES = {"min_quant_weight_channel": 0}
+
+
+def _acc(fn: Any, data: Any) -> float:
+    return digits.accuracy(fn, data[2], data[3])
+
+
+def _agreement(a: Any, b: Any, x: np.ndarray) -> float:
+    return float(np.mean(np.argmax(a(x), -1) == np.argmax(b(x), -1)) * 100)
+
+
+def test_float_models_are_accurate(lenet: Any, mlp: Any, digits_data: Any) -> None:
+    assert _acc(lenet, digits_data) >= 97.0
+    assert _acc(mlp, digits_data) >= 97.0
+
+
+@pytest.mark.parametrize(("bits", "max_drop"), [(8, 0.5), (4, 2.0)])
+@pytest.mark.parametrize("model", ["lenet", "mlp"])
+def test_weight_quant_accuracy(
+    model: str, bits: int, max_drop: float, request: Any, digits_data: Any, calib: Any
+) -> None:
+    fn = request.getfixturevalue(model)
+    qfn = jaxptq.ptq(fn, calib, {"quant_type": "WEIGHT_QUANT", "bit_num": bits, **ALL_SITES})
+    assert all(s.quantized and s.bits == bits for s in qfn.plan.sites)
+    assert _acc(fn, digits_data) - _acc(qfn, digits_data) <= max_drop
+    # Weight-only: the dots and convolutions stay float.
+    assert all(d[1] == "float32" for d in site_operand_dtypes(qfn, digits_data[2][:4]))
+
+
+def test_weight_quant_size_thresholds_explain_skips(lenet: Any, calib: Any) -> None:
+    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "WEIGHT_QUANT", "min_quant_weight_size": 500})
+    plan = qfn.plan
+    assert "min_quant_weight_size=500" in plan["conv1"].skip_reason  # 150 weights
+    assert "min_quant_weight_channel=16" in plan["fc3"].skip_reason  # 10 outputs
+    assert plan["fc1"].quantized and plan["fc1"].weight_q.dtype == np.int8
+    assert "3/5 sites quantized" in str(plan) and "< min_quant_weight_channel=16" in str(plan)
+
+
+@pytest.mark.parametrize("strategy", ["ALWC", "ACWL"])
+def test_dynamic_quant_accuracy(strategy: str, lenet: Any, digits_data: Any, calib: Any) -> None:
+    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "DYNAMIC_QUANT", "quant_strategy": strategy})
+    assert _acc(lenet, digits_data) - _acc(qfn, digits_data) <= 1.0
+    dtypes = site_operand_dtypes(qfn, digits_data[2][:4])
+    assert dtypes and all(d[1:] == ("int8", "int8") for d in dtypes)
+
+
+@pytest.fixture(scope="module")
+def full_lenet(lenet: Any, calib: Any) -> Any:
+    return jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT"})
+
+
+def test_full_quant_accuracy(full_lenet: Any, lenet: Any, digits_data: Any) -> None:
+    assert _acc(lenet, digits_data) - _acc(full_lenet, digits_data) <= 1.0
+    assert _agreement(full_lenet, lenet, digits_data[2]) >= 98.0
+
+
+def test_full_quant_sites_are_int8_in_jaxpr_and_stablehlo(
+    full_lenet: Any, digits_data: Any
+) -> None:
+    x = digits_data[2][:32]
+    plan = full_lenet.plan
+    assert [s.name for s in plan.sites] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    dtypes = site_operand_dtypes(full_lenet, x)
+    assert len(dtypes) == 5 and all(d[1:] == ("int8", "int8") for d in dtypes)
+    text = full_lenet.lower(x).as_text()
+    int_convs = [
+        ln
+        for ln in text.splitlines()
+        if "stablehlo.convolution" in ln and "xi8>" in ln and "xi32>" in ln.split("->")[-1]
+    ]
+    int_dots = [
+        ln
+        for ln in text.splitlines()
+        if "stablehlo.dot_general" in ln and "xi8>" in ln and "xi32>" in ln.split("->")[-1]
+    ]
+    assert len(int_convs) == 2 and len(int_dots) == 3
+    # Integer weights are arguments of the program, not constants baked into the HLO.
+    assert not [ln for ln in text.splitlines() if "stablehlo.constant" in ln and "xi8>" in ln]
+
+
+def test_skipped_site_stays_float(lenet: Any, calib: Any, digits_data: Any) -> None:
+    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "skip_quant_node": ["fc3"]})
+    assert qfn.plan["fc3"].skip_reason == "listed in skip_quant_node"
+    dtypes = site_operand_dtypes(qfn, digits_data[2][:4])
+    assert [d[1] for d in dtypes] == ["int8"] * 4 + ["float32"]
+
+
+def test_jit_and_vmap(full_lenet: Any, digits_data: Any) -> None:
+    x = digits_data[2][:16]
+    y = np.asarray(full_lenet(x))
+    np.testing.assert_array_equal(np.asarray(jax.jit(full_lenet)(x)), y)
+    per_example = jax.vmap(lambda xi: full_lenet(xi[None])[0])(x)
+    np.testing.assert_allclose(np.asarray(per_example), y, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic(lenet: Any, calib: Any, digits_data: Any, full_lenet: Any) -> None:
+    again = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT"})
+    for a, b in zip(full_lenet.plan.sites, again.plan.sites, strict=True):
+        np.testing.assert_array_equal(a.weight_q, b.weight_q)
+        np.testing.assert_array_equal(a.weight_scale, b.weight_scale)
+        assert (a.act_scale, a.act_zero_point) == (b.act_scale, b.act_zero_point)
+        np.testing.assert_array_equal(a.bias_correction, b.bias_correction)
+    x = digits_data[2]
+    np.testing.assert_array_equal(np.asarray(full_lenet(x)), np.asarray(again(x)))
+
+
+def test_plan_save_load_round_trip(
+    full_lenet: Any, lenet: Any, digits_data: Any, tmp_path: Any
+) -> None:
+    full_lenet.plan.save(tmp_path / "plan")
+    loaded = jaxptq.QuantPlan.load(tmp_path / "plan")
+    assert loaded.table() == full_lenet.plan.table()
+    rebuilt = jaxptq.apply_plan(lenet, loaded, digits_data[2][:8])
+    x = digits_data[2]
+    np.testing.assert_array_equal(np.asarray(rebuilt(x)), np.asarray(full_lenet(x)))
+
+
+def test_plan_save_packs_sub_byte_weights(mlp: Any, calib: Any, tmp_path: Any) -> None:
+    sizes = {}
+    for bits in (8, 4, 2):
+        qfn = jaxptq.ptq(mlp, calib, {"quant_type": "WEIGHT_QUANT", "bit_num": bits, **ALL_SITES})
+        qfn.plan.save(tmp_path / f"p{bits}")
+        sizes[bits] = (tmp_path / f"p{bits}" / "arrays.npz").stat().st_size
+        loaded = jaxptq.QuantPlan.load(tmp_path / f"p{bits}")
+        for a, b in zip(qfn.plan.sites, loaded.sites, strict=True):
+            np.testing.assert_array_equal(a.weight_q, b.weight_q)
+    assert sizes[4] < 0.6 * sizes[8] and sizes[2] < 0.6 * sizes[4]
+
+
+# --- the integer path, bit for bit ---------------------------------------------------------
+
+
+def _np_quantize(x: np.ndarray, scale: float, zp: int) -> np.ndarray:
+    inv = np.float32(1.0 / scale)
+    return np.clip(np.round(x.astype(np.float32) * inv) + zp, -128, 127).astype(np.int64)
+
+
+def test_dense_site_matches_numpy_int64_reference(mlp: Any, digits_data: Any) -> None:
+    w = jnp.asarray(mlp.fc1.kernel[...])
+    b = np.asarray(mlp.fc1.bias[...])
+    x = digits_data[2][:64].reshape(64, -1)
+    layer = jaxptq.ptq(
+        lambda v: v @ w + b, [x], {"quant_type": "FULL_QUANT", "bias_correction": False}
+    )
+    site = layer.plan.sites[0]
+    x_q = _np_quantize(x, site.act_scale, site.act_zero_point)
+    w_q = site.weight_q.astype(np.int64)
+    acc = x_q @ w_q - site.act_zero_point * w_q.sum(0)
+    assert np.abs(acc).max() < 2**31
+    expected = acc.astype(np.float32) * (np.float32(site.act_scale) * site.weight_scale[0]) + b
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_integer_accumulator_is_exact() -> None:
+    """The i8 convolution XLA runs equals an int64 NumPy convolution, zero point included."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)  # HWIO
+    x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32) + 0.5
+
+    def conv(v: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            v, jnp.asarray(w), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    qfn = jaxptq.ptq(conv, [x], {"quant_type": "FULL_QUANT", "bias_correction": False})
+    site = qfn.plan.sites[0]
+    assert site.act_zero_point != 0
+    x_q = _np_quantize(x, site.act_scale, site.act_zero_point) - site.act_zero_point
+    padded = np.pad(x_q, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    acc = np.zeros((2, 6, 6, 8), np.int64)
+    for i in range(3):
+        for j in range(3):
+            acc += np.einsum(
+                "nhwc,co->nhwo",
+                padded[:, i : i + 6, j : j + 6],
+                site.weight_q[i, j].astype(np.int64),
+            )
+    expected = acc.astype(np.float32) * (np.float32(site.act_scale) * site.weight_scale.reshape(-1))
+    np.testing.assert_allclose(np.asarray(qfn(x)), expected, rtol=1e-6, atol=1e-5)
+
+
+# --- tracing: names, folding, sub-jaxprs ----------------------------------------------------
+
+
+def test_linen_sites_named_by_module_path(digits_data: Any) -> None:
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            x = nn.relu(nn.Dense(32, name="hidden")(x.reshape(x.shape[0], -1)))
+            return nn.Dense(10, name="head")(x)
+
+    x = digits_data[0][:20]
+    variables = Net().init(jax.random.key(0), x)
+    qfn = jaxptq.ptq(
+        functools.partial(Net().apply, variables), [x], {"quant_type": "DYNAMIC_QUANT"}
+    )
+    assert [s.name for s in qfn.plan.sites] == ["Net/hidden", "Net/head"]
+
+
+def test_weight_expressions_fold_and_sub_jaxprs_are_searched() -> None:
+    rng = np.random.default_rng(1)
+    w_t = jnp.asarray(rng.normal(size=(16, 8)).astype(np.float32))  # stored transposed
+    gamma = jnp.asarray(rng.uniform(0.5, 2, size=(16,)).astype(np.float32))
+    w2 = jnp.asarray(rng.normal(size=(16, 4)).astype(np.float32))
+    w3 = jnp.asarray(rng.normal(size=(4, 4)).astype(np.float32))
+
+    @jax.jit
+    def inner(h: jax.Array) -> jax.Array:
+        with jax.named_scope("inner"):
+            return jnp.einsum("bi,io->bo", h, w2)
+
+    @jax.checkpoint
+    def block(h: jax.Array) -> jax.Array:
+        return jax.nn.relu(inner(h)) @ w3
+
+    def fn(x: jax.Array) -> jax.Array:
+        with jax.named_scope("first"):
+            h = x @ (w_t.T * gamma)  # transpose and BatchNorm-style scaling of a weight
+        return block(jax.nn.gelu(h))
+
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    qfn = jaxptq.ptq(fn, [x], {"quant_type": "DYNAMIC_QUANT"})
+    names = [s.name for s in qfn.plan.sites]
+    assert names[:2] == ["first", "inner/bi,io->bo"] and len(names) == 3  # einsum scopes its spec
+    assert qfn.plan["first"].weight_shape == (8, 16)
+    y, y_q = np.asarray(fn(x)), np.asarray(qfn(x))
+    cos = float(np.sum(y * y_q) / np.linalg.norm(y) / np.linalg.norm(y_q))
+    assert cos > 0.999
+    assert all(d[1:] == ("int8", "int8") for d in site_operand_dtypes(qfn, x))
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_mismatched_calibration_sample_names_index(lenet: Any, calib: Any) -> None:
+    bad = [*calib[:3], np.zeros((10, 8, 9, 1), np.float32)]
+    with pytest.raises(
+        ValueError, match=r"sample 3.*float32\[10, 8, 8, 1\].*float32\[10, 8, 9, 1\]"
+    ):
+        jaxptq.ptq(lenet, bad, {"quant_type": "FULL_QUANT"})
+    with pytest.raises(ValueError, match=r"sample 1.*float64"):
+        jaxptq.ptq(lenet, [calib[0], calib[1].astype(np.float64)], {"quant_type": "FULL_QUANT"})
+
+
+def test_sample_that_does_not_fit_fn(lenet: Any) -> None:
+    with pytest.raises(ValueError, match=r"sample 0 \(float32\[4, 5, 5, 1\]\) does not fit `fn`"):
+        jaxptq.ptq(lenet, [np.zeros((4, 5, 5, 1), np.float32)], {"quant_type": "DYNAMIC_QUANT"})
+
+
+def test_nan_in_calibration_names_site(lenet: Any, calib: Any) -> None:
+    bad = [c.copy() for c in calib]
+    bad[2][0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="conv1"):
+        jaxptq.ptq(lenet, bad, {"quant_type": "FULL_QUANT"})
+
+
+def test_empty_calibration_set(lenet: Any) -> None:
+    with pytest.raises(ValueError, match="`calib_data` is empty.*about 100"):
+        jaxptq.ptq(lenet, [], {"quant_type": "FULL_QUANT"})
+
+
+@pytest.mark.parametrize(
+    ("keys", "pattern"),
+    [
+        ({"bit_num": 17}, r"`bit_num` = 17 is out of range 0..16"),
+        ({"quant_type": "INT8"}, r"WEIGHT_QUANT, FULL_QUANT, DYNAMIC_QUANT"),
+        ({"bit_nums": 8}, r"unknown config key `bit_nums`; did you mean `bit_num`"),
+        ({"quant_type": "FULL_QUANT", "bit_num": 4}, r"set `bit_num` = 8"),
+    ],
+)
+def test_bad_config_values(keys: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(jaxptq.ConfigError, match=pattern):
+        jaxptq.QuantConfig.create(**keys)
+
+
+def test_unknown_skip_node_lists_closest(lenet: Any, calib: Any) -> None:
+    with pytest.raises(jaxptq.ConfigError, match=r"`fc_3`.*closest: `fc3`"):
+        jaxptq.ptq(lenet, calib, {"quant_type": "WEIGHT_QUANT", "skip_quant_node": ["fc_3"]})
