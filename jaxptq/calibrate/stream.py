@@ -189,7 +189,7 @@ def run_pass(
     """
     rows = rows_per_device * sharding.local_device_count(mesh)
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress)
     names: list[str] = []
     stats: dict[str, Stats] = {}
     step: Callable[..., Any] | None = None
