@@ -1,0 +1,495 @@
+"""Debug reports in MindSpore Lite's format: CSV statistics per calibration round, quant
+parameters, output similarity, and pictures (cosine per site, activation histograms).
+
+`write_debug_report` runs when `debug_info_save_path` is set. Each calibration sample is
+one *round*: the float program and the quantized program run on it side by side, and
+every site's input, weight and output get MindSpore's statistics, once as computed by the
+float model (`Origin`) and once as the quantized model sees them (`Dequant`: the
+integer values mapped back to float, with the error of every earlier site included).
+Column meanings follow MindSpore Lite's `statistic_utils.h`:
+
+- Min, Q1, Median, Q3, MAX: quantiles with linear interpolation between sorted values.
+- Mean; Var: the *standard deviation* `sqrt(mean((x - mean)^2))`, as MindSpore computes it.
+- Sparsity: the fraction of elements exactly 0.
+- Clip: the fraction of `Origin` elements outside the `[min, max]` of the `Dequant`
+  tensor (0 on `Origin` rows).
+- CosineSimilarity: `Dequant` vs `Origin` (1 on `Origin` rows; 1 when both are all zero,
+  0 when only one is, 0 on NaN/Inf).
+
+All statistics of a round come out of one jitted program (sorts and reductions on
+device); only scalars and small histograms reach the host.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import pathlib
+import re
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxptq import kernels
+from jaxptq.graph import Graph, Site, evaluate
+from jaxptq.layout import site_layout
+from jaxptq.plan import SitePlan
+from jaxptq.rewrite import QuantizedFunction
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_SUMMARY_COLUMNS = ("Round", "TensorName", "CosineSimilarity")
+REPORT_COLUMNS = (
+    "NodeName", "NodeType", "TensorName", "InOutFlag", "DataTypeFlag", "TensorTypeFlag",
+    "Min", "Q1", "Median", "Q3", "MAX", "Mean", "Var", "Sparsity", "Clip", "CosineSimilarity",
+)  # fmt: skip
+QUANT_PARAM_COLUMNS = (
+    "NodeName", "NodeType", "TensorName", "ElementsNum", "Dims", "Scale", "ZeroPoint", "Bits",
+    "CorrectionVar", "CorrectionMean",
+)  # fmt: skip
+HIST_BINS = 128
+_STAT_NAMES = ("Min", "Q1", "Median", "Q3", "MAX", "Mean", "Var", "Sparsity")
+
+
+# --- metrics (jnp, traceable) ----------------------------------------------------------------
+
+
+def tensor_stats(x: jax.Array) -> jax.Array:
+    """`[min, q1, median, q3, max, mean, std, sparsity]` of all elements, float32.
+
+    Quantiles interpolate linearly between sorted values (MindSpore's `Quantile`); the
+    element count is static, so the positions are Python numbers and one sort suffices.
+    """
+    x = jnp.ravel(x).astype(jnp.float32)
+    s = jnp.sort(x)
+    n = x.size
+
+    def quantile(p: float) -> jax.Array:
+        pos = (n - 1) * p
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] * (1.0 - (pos - lo)) + s[hi] * (pos - lo)
+
+    mean = jnp.mean(x)
+    std = jnp.sqrt(jnp.mean(jnp.square(x - mean)))
+    sparsity = jnp.mean((x == 0).astype(jnp.float32))
+    quartiles = [quantile(p) for p in (0.25, 0.5, 0.75)]
+    return jnp.stack([s[0], *quartiles, s[-1], mean, std, sparsity])
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+    """MindSpore's `GetCosSimilarity`: 1 if both are ~0, 0 if one is, 0 on NaN/Inf."""
+    a = jnp.ravel(a).astype(jnp.float32)
+    b = jnp.ravel(b).astype(jnp.float32)
+    dot, sa, sb = jnp.vdot(a, b), jnp.vdot(a, a), jnp.vdot(b, b)
+    tiny = jnp.finfo(jnp.float32).tiny
+    cos = dot / jnp.maximum(jnp.sqrt(sa) * jnp.sqrt(sb), tiny)
+    cos = jnp.where((sa < tiny) & (sb < tiny), 1.0, jnp.where(sa * sb < tiny, 0.0, cos))
+    finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
+    return jnp.where(finite, jnp.clip(cos, -1.0, 1.0), 0.0)
+
+
+def clip_rate(origin: jax.Array, dequant: jax.Array) -> jax.Array:
+    """MindSpore's `GetClipRate`: share of `origin` outside `[min, max]` of `dequant`."""
+    lo, hi = jnp.min(dequant), jnp.max(dequant)
+    return jnp.mean(((origin > hi) | (origin < lo)).astype(jnp.float32))
+
+
+def mean_bias(out: jax.Array, ref: jax.Array, rtol: float = 1e-5, atol: float = 1e-8) -> jax.Array:
+    """MindSpore benchmark's "mean bias": over the elements off by more than
+    `atol + rtol * |ref|`, the mean of `|out - ref| / |ref|` (`|out - ref|` where ref is 0
+    and the error exceeds 1e-5). A fraction; the benchmark prints it times 100 as %."""
+    out = jnp.ravel(out).astype(jnp.float32)
+    ref = jnp.ravel(ref).astype(jnp.float32)
+    err = jnp.abs(out - ref)
+    off = err > atol + rtol * jnp.abs(ref)
+    zero_ref = jnp.abs(ref) < jnp.finfo(jnp.float32).eps
+    counted = off & (~zero_ref | (err > 1e-5))
+    terms = jnp.where(zero_ref, err, err / (jnp.abs(ref) + jnp.finfo(jnp.float32).tiny))
+    total = jnp.sum(jnp.where(counted, terms, 0.0))
+    return total / jnp.maximum(jnp.sum(counted), 1)
+
+
+def _histogram(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x = jnp.ravel(x).astype(jnp.float32)
+    lo, hi = jnp.min(x), jnp.max(x)
+    width = jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny)
+    idx = jnp.clip(jnp.floor((x - lo) / width * HIST_BINS), 0, HIST_BINS - 1).astype(jnp.int32)
+    return jnp.bincount(idx, length=HIST_BINS), lo, hi
+
+
+# --- what the quantized program feeds each site -----------------------------------------------
+
+
+def dequantized_input(plan: SitePlan, site: Site, x: jax.Array) -> jax.Array:
+    """The site's activation as its kernel sees it after quantization, back in float."""
+    x = x.astype(jnp.float32)
+    if not plan.quantized or plan.act_mode is None:
+        return x
+    if plan.act_mode == "static":
+        assert plan.act_scale is not None and plan.act_zero_point is not None
+        zp = plan.act_zero_point
+        q = jnp.clip(jnp.round(x * np.float32(1.0 / plan.act_scale)) + zp, -128, 127)
+        return (q - zp) * np.float32(plan.act_scale)
+    scale = kernels.dynamic_act_scale(x, site_layout(site), plan.act_mode == "dynamic_row")
+    return jnp.clip(jnp.round(x / scale), -127, 127) * scale
+
+
+def dequantized_weight(plan: SitePlan) -> np.ndarray | None:
+    if not plan.quantized or plan.weight_q is None or plan.weight_scale is None:
+        return None
+    return plan.weight_q.astype(np.float32) * plan.weight_scale.astype(np.float32)
+
+
+# --- one round ------------------------------------------------------------------------------
+
+
+@jax.jit
+@jax.vmap
+def _pair_stats(origin: jax.Array, dequant: jax.Array) -> dict[str, Any]:
+    """Statistics of same-shaped (origin, dequant) pairs, vmapped over a group of them."""
+    return {
+        "stats": jnp.stack([tensor_stats(origin), tensor_stats(dequant)]),
+        "cmp": jnp.stack([clip_rate(origin, dequant), cosine_similarity(origin, dequant)]),
+        "hist": _histogram(origin),
+    }
+
+
+_Key = tuple[str, str]  # (site name, "in" / "out" / "weight")
+
+
+def _group_stats(pairs: dict[_Key, tuple[Any, Any]]) -> dict[_Key, dict[str, Any]]:
+    """Runs `_pair_stats` once per group of same-shaped tensors (one compile per shape)."""
+    groups: dict[tuple[int, ...], list[_Key]] = {}
+    for key, (origin, _) in pairs.items():
+        groups.setdefault(tuple(np.shape(origin)), []).append(key)
+    out: dict[_Key, dict[str, Any]] = {}
+    for keys in groups.values():
+        origin = jnp.stack([jnp.asarray(pairs[k][0], jnp.float32) for k in keys])
+        dequant = jnp.stack([jnp.asarray(pairs[k][1], jnp.float32) for k in keys])
+        result = jax.device_get(_pair_stats(origin, dequant))
+        for i, key in enumerate(keys):
+            out[key] = jax.tree_util.tree_map(lambda a, i=i: a[i], result)
+    return out
+
+
+def _round_program(graph: Graph, matched: list[tuple[Site, SitePlan]]) -> tuple[Any, list[Any]]:
+    """A jitted `(site_args, consts, *flat) -> (output cosines, {key: (origin, dequant)})`:
+    the float and the quantized program side by side, each site's tensors recorded."""
+    consts = graph.runtime_consts()
+
+    def run(site_args: dict[str, Any], const_arrays: list[Any], *flat: Any) -> Any:
+        env = {v.id: c for v, c in zip(consts, const_arrays, strict=True)}
+        seen_float: dict[str, tuple[Any, Any]] = {}
+        seen_quant: dict[str, tuple[Any, Any]] = {}
+
+        def float_rule(site: Site, vals: list[Any]) -> Any:
+            y = site.node.primitive.bind(*vals, **site.node.params)
+            seen_float[site.name] = (vals[1 - site.weight_index], y)
+            return y
+
+        def quant_rule(sp: SitePlan, site: Site, vals: list[Any]) -> Any:
+            x = vals[1 - site.weight_index]
+            if sp.quantized:
+                y = kernels.KERNELS[sp.act_mode][1](sp, site, vals, site_args[sp.name])
+            else:
+                y = site.node.primitive.bind(*vals, **site.node.params)
+            seen_quant[site.name] = (dequantized_input(sp, site, x), y)
+            return y
+
+        f_rules = {id(s.node): float_rule for s, _ in matched}
+        q_rules = {id(s.node): _bind(quant_rule, sp) for s, sp in matched}
+        y_float = evaluate(graph, env, flat, f_rules)
+        y_quant = evaluate(graph, env, flat, q_rules)
+        cosines = [cosine_similarity(a, b) for a, b in zip(y_float, y_quant, strict=True)]
+        pairs: dict[_Key, tuple[Any, Any]] = {}
+        for site, _ in matched:
+            (x, y), (xd, yd) = seen_float[site.name], seen_quant[site.name]
+            pairs[(site.name, "in")] = (x, xd)
+            pairs[(site.name, "out")] = (y, yd)
+        return cosines, pairs
+
+    return jax.jit(run), [np.asarray(v.const) for v in consts]
+
+
+def _bind(rule: Any, sp: SitePlan) -> Any:
+    return lambda site, vals: rule(sp, site, vals)
+
+
+# --- names ----------------------------------------------------------------------------------
+
+
+def _onnx_nodes(fn: Any) -> dict[str, Any]:
+    model = getattr(fn, "model", None)
+    graph = getattr(model, "graph", None)
+    return {n.name: n for n in graph.node} if graph is not None else {}
+
+
+def _names(site: Site, nodes: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(node type, input tensor, weight tensor, output tensor) names for one site."""
+    node = nodes.get(site.name)
+    if node is not None and len(node.input) >= 2 and node.output:
+        w = site.weight_index if node.op_type != "Conv" else 1
+        return node.op_type, node.input[1 - w], node.input[w], node.output[0]
+    return site.primitive, f"{site.name}/input", f"{site.name}/weight", f"{site.name}/output"
+
+
+def _output_names(fn: Any, count: int) -> list[str]:
+    names = list(getattr(fn, "output_names", ()) or ())
+    return names if len(names) == count else [f"output_{i}" for i in range(count)]
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_fmt(v) for v in row] for row in rows])
+    return buf.getvalue().encode()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return f"{float(v):.9g}"
+    return v
+
+
+def _stat_row(prefix: list[Any], stats: np.ndarray, clip: float, cos: float) -> list[Any]:
+    return [*prefix, *(float(s) for s in stats), float(clip), float(cos)]
+
+
+def _per_channel(values: np.ndarray) -> str:
+    return " ".join(f"{float(v):.9g}" for v in np.ravel(values))
+
+
+def _correction(w: np.ndarray, wd: np.ndarray, axes: tuple[int, ...]) -> tuple[str, str]:
+    """MindSpore's weight correction terms per channel: var_corr = std(w) / std(w_dq),
+    mean_corr = mean(w) - mean(w_dq) * var_corr."""
+    reduce = tuple(a for a in range(w.ndim) if a not in axes)
+    std_w, std_d = w.std(axis=reduce), wd.std(axis=reduce)
+    var_corr = np.where(std_d > 0, std_w / np.where(std_d > 0, std_d, 1), 1.0)
+    mean_corr = w.mean(axis=reduce) - wd.mean(axis=reduce) * var_corr
+    return _per_channel(var_corr), _per_channel(mean_corr)
+
+
+def _quant_param_rows(
+    matched: list[tuple[Site, SitePlan]], nodes: dict[str, Any]
+) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    for site, sp in matched:
+        if not sp.quantized:
+            continue
+        node_type, x_name, w_name, _ = _names(site, nodes)
+        x_shape = tuple(site.activation.aval.shape)
+        if sp.act_mode == "static":
+            rows.append(
+                [site.name, node_type, x_name, int(np.prod(x_shape)), " ".join(map(str, x_shape)),
+                 float(sp.act_scale or 0.0), int(sp.act_zero_point or 0), 8, 1.0, 0.0]
+            )  # fmt: skip
+        wd = dequantized_weight(sp)
+        assert sp.weight_scale is not None and wd is not None
+        var_corr, mean_corr = _correction(site.weight.astype(np.float32), wd, sp.channel_axes)
+        rows.append(
+            [site.name, node_type, w_name, sp.weight_elements, " ".join(map(str, sp.weight_shape)),
+             _per_channel(sp.weight_scale), _per_channel(np.zeros(sp.weight_scale.size, int)),
+             sp.bits, var_corr, mean_corr]
+        )  # fmt: skip
+    return rows
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "site"
+
+
+def write_debug_report(
+    qfn: QuantizedFunction,
+    samples: Sequence[tuple[Any, ...]],
+    in_tree: Any,
+    calibration: Any = None,
+) -> pathlib.Path:
+    """Writes MindSpore Lite's debug CSVs and jaxptq's pictures to `debug_info_save_path`.
+
+    Args:
+        qfn: the quantized function; its plan's config names the folder.
+        samples: the calibration samples as flat tuples of host arrays; one round each.
+        in_tree: the pytree structure of one sample's arguments.
+        calibration: the calibration result (unused: the plan holds the chosen ranges).
+
+    Returns:
+        The folder written: `output_summary.csv`, `report_<round>.csv`,
+        `quant_param.csv`, `cosine_similarity.png` and `histograms/<site>.png`.
+    """
+    del calibration
+    folder_name = qfn.plan.config.common_quant_param.debug_info_save_path
+    if not folder_name:
+        raise ValueError("`debug_info_save_path` is not set in the plan's config.")
+    if not samples:
+        raise ValueError("the debug report needs at least one sample.")
+    folder = pathlib.Path(folder_name)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"`debug_info_save_path` {str(folder)!r} is a file, not a folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    graph = qfn._graphs.get(jax.tree_util.tree_unflatten(in_tree, samples[0]))
+    matched = qfn._matched_sites(graph)
+    nodes = _onnx_nodes(qfn.fn)
+    program, const_arrays = _round_program(graph, matched)
+    site_args = qfn.site_args()
+    consts = jax.device_put(const_arrays)
+
+    weights = {}
+    for site, sp in matched:
+        w = site.weight.astype(np.float32)
+        wd = dequantized_weight(sp)
+        weights[(site.name, "weight")] = (w, w if wd is None else wd)
+    weight_stats = _group_stats(weights)
+
+    summary_rows: list[list[Any]] = []
+    out_names: list[str] = []
+    cos_sum = {s.name: 0.0 for s, _ in matched}
+    hists: dict[str, list[tuple[np.ndarray, float, float]]] = {s.name: [] for s, _ in matched}
+    for rnd, sample in enumerate(samples):
+        cosines, pairs = program(site_args, consts, *sample)
+        stats = _group_stats(pairs) | weight_stats
+        out_names = out_names or _output_names(qfn.fn, len(cosines))
+        summary_rows += [[rnd, name, float(c)] for name, c in zip(out_names, cosines, strict=True)]
+        rows: list[list[Any]] = []
+        for site, _ in matched:
+            node_type, x_name, w_name, y_name = _names(site, nodes)
+            for flag, kind, name, part in (
+                ("Input", "Activation", x_name, "in"),
+                ("Input", "Weight", w_name, "weight"),
+                ("Output", "Activation", y_name, "out"),
+            ):
+                r = stats[(site.name, part)]
+                head = [site.name, node_type, name, flag]
+                rows.append(_stat_row([*head, "Origin", kind], r["stats"][0], 0.0, 1.0))
+                rows.append(
+                    _stat_row([*head, "Dequant", kind], r["stats"][1], r["cmp"][0], r["cmp"][1])
+                )
+            cos_sum[site.name] += float(stats[(site.name, "out")]["cmp"][1])
+            counts, lo, hi = stats[(site.name, "in")]["hist"]
+            hists[site.name].append((np.asarray(counts), float(lo), float(hi)))
+        _atomic_write(folder / f"report_{rnd}.csv", _csv_bytes(REPORT_COLUMNS, rows))
+    for stale in folder.glob("report_*.csv"):  # rounds of an earlier, longer run
+        index = stale.stem.removeprefix("report_")
+        if index.isdigit() and int(index) >= len(samples):
+            stale.unlink()
+    _atomic_write(folder / "output_summary.csv", _csv_bytes(OUTPUT_SUMMARY_COLUMNS, summary_rows))
+    _atomic_write(
+        folder / "quant_param.csv",
+        _csv_bytes(QUANT_PARAM_COLUMNS, _quant_param_rows(matched, nodes)),
+    )
+    cosines = {name: total / len(samples) for name, total in cos_sum.items()}
+    _write_pictures(folder, matched, cosines, hists)
+    logger.info("debug report written to %s", folder)
+    return folder
+
+
+# --- pictures -------------------------------------------------------------------------------
+
+
+def _merge_histograms(
+    parts: list[tuple[np.ndarray, float, float]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-bins per-round histograms onto one common range (by bin centres)."""
+    lo = min(p[1] for p in parts)
+    hi = max(p[2] for p in parts)
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, HIST_BINS + 1)
+    total = np.zeros(HIST_BINS)
+    for counts, a, b in parts:
+        centers = a + (np.arange(HIST_BINS) + 0.5) * (max(b - a, 1e-30) / HIST_BINS)
+        total += np.histogram(centers, bins=edges, weights=counts)[0]
+    return total, edges
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "the debug report's pictures need matplotlib: `pip install 'jaxptq[plots]'` "
+            "(the CSV files were written)."
+        ) from None
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _write_pictures(
+    folder: pathlib.Path,
+    matched: list[tuple[Site, SitePlan]],
+    cosines: dict[str, float],
+    hists: dict[str, list[tuple[np.ndarray, float, float]]],
+) -> None:
+    plt = _pyplot()
+    names = [s.name for s, _ in matched]
+    values = [cosines[n] for n in names]
+    colors = ["tab:blue" if sp.quantized else "tab:gray" for _, sp in matched]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(names) + 2), 4.0))
+    ax.bar(range(len(names)), values, color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_ylabel("output cosine similarity (mean over rounds)")
+    ax.set_ylim(min([*values, 0.9]) - 0.01, 1.001)
+    ax.set_title("per-site cosine similarity, quantized vs float (gray: skipped)")
+    fig.subplots_adjust(bottom=0.35, left=0.12, right=0.98)
+    _save(plt, fig, folder / "cosine_similarity.png")
+
+    hist_dir = folder / "histograms"
+    hist_dir.mkdir(exist_ok=True)
+    for site, sp in matched:
+        counts, edges = _merge_histograms(hists[site.name])
+        fig, ax = plt.subplots(figsize=(5.0, 3.0))
+        ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.7)
+        ax.set_yscale("log")
+        clip = _clipping_range(sp, edges)
+        if clip is not None:
+            for v in clip:
+                ax.axvline(v, color="tab:red", linestyle="--", linewidth=1)
+            ax.set_title(f"{site.name}: input, clip [{clip[0]:.4g}, {clip[1]:.4g}]", fontsize=8)
+        else:
+            ax.set_title(f"{site.name}: input (stays float)", fontsize=8)
+        ax.set_xlabel("activation value")
+        fig.subplots_adjust(bottom=0.18)
+        _save(plt, fig, hist_dir / f"{_safe_name(site.name)}.png")
+
+
+def _clipping_range(sp: SitePlan, edges: np.ndarray) -> tuple[float, float] | None:
+    """The float range the site's int8 grid covers; dynamic sites cover `+-max|x|`."""
+    if not sp.quantized or sp.act_mode is None:
+        return None
+    if sp.act_mode == "static" and sp.act_scale is not None and sp.act_zero_point is not None:
+        return (
+            (-128 - sp.act_zero_point) * sp.act_scale,
+            (127 - sp.act_zero_point) * sp.act_scale,
+        )
+    bound = float(max(abs(edges[0]), abs(edges[-1])))
+    return -bound, bound
+
+
+def _save(plt: Any, fig: Any, path: pathlib.Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
