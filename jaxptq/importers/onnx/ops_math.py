@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxptq.importers.onnx._registry import Inputs, Node, Value, register
-from jaxptq.importers.onnx._values import lift
+from jaxptq.importers.onnx._values import for_jax, lift, xp
 
 
 def _unary(name: str, node: Node, inputs: Inputs) -> Value:
@@ -123,13 +123,14 @@ def hard_swish(node: Node, inputs: Inputs) -> Value:
 
 @register("Clip", since=11)
 def clip(node: Node, inputs: Inputs) -> Value:
-    bounds = list(inputs[1:3]) + [None] * (3 - len(inputs))
-    m, (x, *given) = lift(inputs[0], *[b for b in bounds if b is not None])
-    lo, hi = (given.pop(0) if b is not None else None for b in bounds[:2])
+    x = inputs[0]
+    lo = inputs[1] if len(inputs) > 1 else None
+    hi = inputs[2] if len(inputs) > 2 else None
+    m = xp(x, lo, hi)
     if lo is not None:
-        x = m.maximum(x, lo.astype(x.dtype))
+        x = m.maximum(x, for_jax(lo).astype(x.dtype))
     if hi is not None:
-        x = m.minimum(x, hi.astype(x.dtype))
+        x = m.minimum(x, for_jax(hi).astype(x.dtype))
     return x
 
 
