@@ -14,7 +14,9 @@ import onnx.version_converter
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import jaxptq
 from jaxptq import datasets, import_onnx
+from jaxptq.importers import onnx as onnx_importer
 from jaxptq.importers.onnx import OnnxImportError, OnnxNodeError, UnsupportedOnnxError
 
 ort = pytest.importorskip("onnxruntime")
@@ -116,6 +118,8 @@ def test_mnist8_matches_onnxruntime_on_real_digits(shared_data):
 
 
 def test_api_attributes_dynamic_batch_and_jit():
+    assert jaxptq.import_onnx is onnx_importer.import_onnx
+    assert "import_onnx" in jaxptq.__all__
     model = conv_model(batch="N")
     before = model.SerializeToString()
     fn = import_onnx(model)
