@@ -305,8 +305,8 @@ def ptq_with_accuracy_control(
 
     Sites are reverted one at a time in ranked order, re-validating after each, until the
     drop is within `max_drop`. With `minimize`, each reverted site (least harmful first) is
-    then tried quantized again and stays quantized if the bound still holds, so no single
-    reverted site is unnecessary.
+    then tried quantized again and stays quantized if the bound still holds, so no reverted
+    site can be quantized again on its own without breaking the bound.
 
     Args:
         fn: the float function, as for `ptq`.
@@ -372,14 +372,20 @@ def ptq_with_accuracy_control(
         if step.drop <= max_drop:
             break
     met = history[-1].drop <= max_drop
-    if met and minimize:
-        for name in reversed(reverted[:-1]):
+    tried: set[tuple[str, ...]] = {()}  # sets already validated; none reverted fails
+    changed = met and minimize
+    while changed:  # until no single reverted site can be quantized again
+        changed = False
+        for name in reversed(list(reverted)):
             trial = [n for n in reverted if n != name]
+            if tuple(sorted(trial)) in tried:
+                continue
+            tried.add(tuple(sorted(trial)))
             candidate, step = check("requantize", name, trial)
             keep = step.drop <= max_drop
             history.append(dataclasses.replace(step, kept=keep))
             if keep:
-                qfn, reverted = candidate, trial
+                qfn, reverted, changed = candidate, trial, True
     if not met:
         logger.warning(
             "accuracy control: the %s drop %.4g is still above max_drop=%g after reverting %d "
