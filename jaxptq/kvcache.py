@@ -143,7 +143,9 @@ class QuantKVCache:
     bits: int = 8
 
     def __post_init__(self) -> None:
-        KVCacheQuantParam(kv_enable=True, kv_granularity=self.granularity, kv_bits=self.bits)
+        KVCacheQuantParam(
+            kv_enable=True, kv_granularity=self.granularity, kv_bits=self.bits
+        ).validate()
 
     def init(
         self,

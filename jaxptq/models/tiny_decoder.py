@@ -184,7 +184,7 @@ class TinyDecoder(nnx.Module):
     ) -> tuple[Array, list[KVState]]:
         """Logits for `tokens` (batch, s) placed at positions `pos`..`pos`+s-1."""
         x = self.embed(tokens) + lax.dynamic_slice_in_dim(
-            self.pos_embed.value, pos, tokens.shape[1]
+            self.pos_embed[...], pos, tokens.shape[1]
         )
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
@@ -211,17 +211,23 @@ def decode_step(
 
 
 @partial(jax.jit, static_argnames=("graphdef", "cache"))
-def _teacher_forced(graphdef, params, tokens, states, cache):
+def _decode_scan(graphdef, params, tokens, states, cache, forced):
+    """Decodes one token a step; steps before `forced` read `tokens`, later ones the argmax.
+
+    Teacher forcing (`forced` = len) and greedy generation (`forced` = prompt length) are one
+    program, so each cache compiles it once per shape.
+    """
     model = nnx.merge(graphdef, params)
 
-    def body(states, t):
-        logits, states = model(
-            lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), states, t, cache
-        )
-        return states, logits[:, 0]
+    def body(carry, t):
+        states, prev = carry
+        token = jnp.where(t < forced, tokens[:, t], prev)
+        logits, states = model(token[:, None], states, t, cache)
+        best = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return (states, best), (logits[:, 0], token)
 
-    _, logits = lax.scan(body, states, jnp.arange(tokens.shape[1]))
-    return jnp.swapaxes(logits, 0, 1)
+    _, (logits, fed) = lax.scan(body, (states, tokens[:, 0]), jnp.arange(tokens.shape[1]))
+    return jnp.swapaxes(logits, 0, 1), fed.T
 
 
 def teacher_forced_logits(
@@ -239,22 +245,7 @@ def teacher_forced_logits(
     _check_len(model, tokens.shape[1])
     graphdef, params = nnx.split(model)
     states = model.init_cache(cache, tokens.shape[0], scales)
-    return _teacher_forced(graphdef, params, tokens, states, cache)
-
-
-@partial(jax.jit, static_argnames=("graphdef", "cache", "steps"))
-def _generate(graphdef, params, prompt, states, cache, steps):
-    model = nnx.merge(graphdef, params)
-    logits, states = model(prompt, states, 0, cache)
-
-    def body(carry, _):
-        token, states, pos = carry
-        logits, states = model(token[:, None], states, pos, cache)
-        return (jnp.argmax(logits[:, 0], axis=-1), states, pos + 1), token
-
-    first = jnp.argmax(logits[:, -1], axis=-1)
-    _, out = lax.scan(body, (first, states, prompt.shape[1]), None, length=steps)
-    return out.T
+    return _decode_scan(graphdef, params, tokens, states, cache, tokens.shape[1])[0]
 
 
 def greedy_generate(
@@ -264,12 +255,14 @@ def greedy_generate(
     steps: int,
     scales: Sequence[ChannelScales] | None = None,
 ) -> Array:
-    """Greedy continuation ids (batch, steps) of `prompt` (batch, s): prefill, then decode."""
+    """Greedy continuation ids (batch, steps) of `prompt` (batch, s), decoded token by token."""
     prompt = jnp.asarray(prompt, jnp.int32)
-    _check_len(model, prompt.shape[1] + steps - 1)
+    n = prompt.shape[1]
+    _check_len(model, n + steps)
+    tokens = jnp.pad(prompt, ((0, 0), (0, steps)))
     graphdef, params = nnx.split(model)
     states = model.init_cache(cache, prompt.shape[0], scales)
-    return _generate(graphdef, params, prompt, states, cache, steps)
+    return _decode_scan(graphdef, params, tokens, states, cache, n)[1][:, n:]
 
 
 def calibrate_kv_scales(
@@ -341,8 +334,6 @@ def train_tiny_decoder(
         The trained model.
     """
     cfg = cfg or DecoderConfig()
-    model = TinyDecoder(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model)
     path = None
     if cache_dir is not None:
         key = json.dumps(
@@ -359,11 +350,16 @@ def train_tiny_decoder(
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         path = pathlib.Path(cache_dir) / f"tiny_decoder-{digest}.npz"
-        loaded = _load_params(path, params)
+        # Shapes only: a real initialization costs seconds of small compiles on CPU.
+        graphdef, shapes = nnx.split(
+            nnx.eval_shape(lambda: TinyDecoder(cfg, rngs=nnx.Rngs(0)))
+        )
+        loaded = _load_params(path, shapes)
         if loaded is not None:
             logger.info("loaded trained tiny decoder from %s", path)
             return nnx.merge(graphdef, loaded)
 
+    graphdef, params = nnx.split(TinyDecoder(cfg, rngs=nnx.Rngs(seed)))
     ids = encode(text)
     if len(ids) <= cfg.max_len + 1:
         raise ValueError(
