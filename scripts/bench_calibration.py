@@ -1,0 +1,349 @@
+"""Calibration speed and memory on EfficientNet-Lite0: jaxptq vs onnxruntime.
+
+Usage:
+    .venv/bin/python scripts/bench_calibration.py [--data ../shared/data] [--part all]
+
+Parts:
+    search  KL threshold search time per tensor on real 2048-bin histograms of all 49 Conv
+            outputs (100 calibration photos, activations from onnxruntime): jaxptq's one
+            program over all sites (compile reported apart) vs onnxruntime's
+            `HistogramCollector.get_entropy_threshold`, one tensor at a time.
+    memory  Peak RSS of a KL calibration over 100 and 400 photos, each in a fresh process:
+            jaxptq `calibrate(..., "KL")` streaming a lazily loaded photo sequence, vs
+            onnxruntime `create_calibrator(..., CalibrationMethod.Entropy)` + `collect_data`.
+    ptq     Hook for the whole-PTQ comparison (`whole_ptq`), to be filled in with `ptq`.
+
+The 400-photo set is the 100 calibration photos of the shared split plus the first 300
+evaluation photos. Prints a Markdown section for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from jaxptq import datasets
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL = "models/efficientnet_lite0.onnx"
+NUM_BINS = 2048
+
+
+def conv_output_model(path: pathlib.Path) -> tuple[onnx.ModelProto, list[str]]:
+    """The model with every Conv output added as a graph output, and those output names."""
+    model = onnx.load(str(path))
+    infos = {v.name: v for v in shape_inference.infer_shapes(model).graph.value_info}
+    convs = [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
+    model.graph.output.extend(infos[c] for c in convs)
+    return model, convs
+
+
+def photo_files(data: pathlib.Path, count: int) -> list[pathlib.Path]:
+    calib, evals, _ = datasets.imagenet_split(data / "imagenet")
+    files = (calib + evals)[:count]
+    if len(files) < count:
+        raise SystemExit(f"only {len(files)} photos under {data / 'imagenet'}, asked {count}")
+    return files
+
+
+class Photos(Sequence):
+    """Batches of preprocessed photos, loaded from disk on each access (nothing kept)."""
+
+    def __init__(self, files: list[pathlib.Path], batch: int = 10):
+        self.files, self.batch = files, batch
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch)
+
+    def __getitem__(self, k: int) -> Any:  # type: ignore[override]
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return (datasets.load_imagenet_images(self.files[k * self.batch : (k + 1) * self.batch]),)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------- search
+
+
+def real_histograms(data: pathlib.Path) -> dict[str, Any]:
+    """|x| (jaxptq) and x (onnxruntime) 2048-bin histograms of every Conv output."""
+    import onnxruntime as ort
+
+    model, convs = conv_output_model(data / MODEL)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    photos = Photos(photo_files(data, 100), batch=1)
+    lo = np.full(len(convs), np.inf, np.float32)
+    hi = np.full(len(convs), -np.inf, np.float32)
+    for (x,) in photos:  # pass 1: ranges
+        for k, a in enumerate(session.run(convs, {"input": x})):
+            lo[k], hi[k] = min(lo[k], a.min()), max(hi[k], a.max())
+    absmax = np.maximum(np.abs(lo), hi)
+    abs_h = np.zeros((len(convs), NUM_BINS), np.int64)
+    sym_h = np.zeros((len(convs), NUM_BINS), np.int64)
+    for (x,) in photos:  # pass 2: fixed-range histograms
+        for k, a in enumerate(session.run(convs, {"input": x})):
+            abs_h[k] += np.histogram(np.abs(a), NUM_BINS, range=(0.0, float(absmax[k])))[0]
+            sym_h[k] += np.histogram(a, NUM_BINS, range=(-float(absmax[k]), float(absmax[k])))[0]
+    return {"names": convs, "lo": lo, "hi": hi, "absmax": absmax, "abs": abs_h, "sym": sym_h}
+
+
+def bench_search(data: pathlib.Path, repeats: int, ort_tensors: int | None) -> dict[str, Any]:
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from jaxptq.calibrate import kl_divergences
+
+    t = time.perf_counter()
+    hists = real_histograms(data)
+    collect_s = time.perf_counter() - t
+    sites = len(hists["names"])
+
+    t = time.perf_counter()
+    kl_divergences(hists["abs"])  # compile + run
+    first = time.perf_counter() - t
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        kl_divergences(hists["abs"])
+        runs.append(time.perf_counter() - t)
+    jax_total = statistics.median(runs)
+
+    collector = HistogramCollector("entropy", False, NUM_BINS, 128, 99.999, "same")
+    count = sites if ort_tensors is None else min(ort_tensors, sites)
+    ort_times = []
+    for k in range(count):
+        t_max = np.float32(hists["absmax"][k])
+        edges = np.linspace(-t_max, t_max, NUM_BINS + 1, dtype=np.float32)
+        histogram = (hists["sym"][k], edges, hists["lo"][k], hists["hi"][k], t_max)
+        t = time.perf_counter()
+        collector.get_entropy_threshold(histogram, 128)
+        ort_times.append(time.perf_counter() - t)
+    jax_per = jax_total / sites
+    ort_per = statistics.mean(ort_times)
+    return {
+        "sites": sites,
+        "histogram_collect_s": collect_s,
+        "jax_first_call_s": first,
+        "jax_compile_s": first - jax_total,
+        "jax_all_sites_ms": jax_total * 1e3,
+        "jax_per_tensor_ms": jax_per * 1e3,
+        "ort_tensors_timed": count,
+        "ort_per_tensor_ms": ort_per * 1e3,
+        "speedup": ort_per / jax_per,
+        "jax_candidates": NUM_BINS - 128 + 1,
+        "ort_candidates": NUM_BINS // 2 - 64 + 1,
+    }
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def child_jaxptq(data: pathlib.Path, samples: int) -> dict[str, Any]:
+    import jax
+
+    from jaxptq.calibrate import calibrate
+    from jaxptq.importers.onnx import import_onnx
+
+    model, convs = conv_output_model(data / MODEL)
+    fn = import_onnx(model)
+
+    def sites(x: jax.Array) -> dict[str, jax.Array]:
+        outs = jax.vmap(lambda xi: fn(xi[None]))(x)  # the file fixes batch 1
+        return dict(zip(convs, outs[1:], strict=True))
+
+    base = peak_rss_mb()
+    t = time.perf_counter()
+    result = calibrate(sites, Photos(photo_files(data, samples)), "KL", progress=False)
+    seconds = time.perf_counter() - t
+    assert result.num_samples == samples and len(result.ranges) == len(convs)
+    return {"peak_rss_mb": peak_rss_mb(), "rss_before_mb": base, "seconds": seconds}
+
+
+def child_ort(data: pathlib.Path, samples: int) -> dict[str, Any]:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    class Reader:
+        def __init__(self) -> None:
+            self.photos = iter(Photos(photo_files(data, samples), batch=1))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            item = next(self.photos, None)
+            return None if item is None else {"input": item[0]}
+
+    base = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        calibrator = create_calibrator(
+            str(data / MODEL),
+            ["Conv"],
+            augmented_model_path=os.path.join(tmp, "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"num_bins": NUM_BINS},
+        )
+        calibrator.collect_data(Reader())
+        collected = peak_rss_mb()
+        ranges = calibrator.compute_data()
+        seconds = time.perf_counter() - t
+    assert len(ranges) >= 49
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": base,
+        "after_collect_mb": collected,
+        "seconds": seconds,
+    }
+
+
+def run_child(kind: str, data: pathlib.Path, samples: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", kind, "--samples", str(samples)]
+    cmd += ["--data", str(data)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) / 1024.0
+
+
+def bench_memory(data: pathlib.Path, sizes: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {"jaxptq": {}, "onnxruntime": {}}
+    for n in sizes:
+        out["jaxptq"][n] = run_child("jaxptq", data, n)
+    for n in sizes:
+        need = 30.0 * n * 1.3  # 27 MB of Conv outputs a photo, held, plus a copy per tensor
+        if need > 0.8 * available_mb():
+            out["onnxruntime"][n] = {"skipped": f"needs ~{need:.0f} MB, {available_mb():.0f} free"}
+            continue
+        out["onnxruntime"][n] = run_child("ort", data, n)
+    return out
+
+
+# ---------------------------------------------------------------------------- ptq
+
+
+def whole_ptq(data: pathlib.Path) -> dict[str, Any] | None:
+    """Hook: FULL_QUANT KL with `jaxptq.ptq` vs onnxruntime `quantize_static` (Entropy).
+
+    To fill in once `ptq` is final: time both on the 100 calibration photos and report
+    top-1 on the 900 evaluation photos (see docs/benchmarks.md for the onnxruntime
+    figures on that split). Returns None until then.
+    """
+    return None
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    import jax
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0]
+    return (
+        f"{os.cpu_count()}-core CPU ({cpu}), no GPU; jax {jax.__version__} (XLA:CPU), "
+        f"onnxruntime {onnxruntime.__version__}; load average {load:.1f} at the end"
+    )
+
+
+def report(search: dict[str, Any] | None, memory: dict[str, Any] | None, argv: str) -> str:
+    lines = ["## Calibration (scripts/bench_calibration.py)", ""]
+    command = f".venv/bin/python scripts/bench_calibration.py {argv}".strip()
+    lines += [f"Command: `{command}`."]
+    lines += [f"Machine: {machine()}.", ""]
+    if search:
+        s = search
+        lines += [
+            f"KL threshold search, {s['sites']} Conv outputs of EfficientNet-Lite0, 2048-bin "
+            f"histograms from the 100 calibration photos (collected with onnxruntime in "
+            f"{s['histogram_collect_s']:.1f} s):",
+            "",
+            "| | per tensor (ms) | candidates | notes |",
+            "|---|---|---|---|",
+            f"| jaxptq `kl_divergences` | {s['jax_per_tensor_ms']:.2f} | {s['jax_candidates']} "
+            f"| all {s['sites']} sites in one program: {s['jax_all_sites_ms']:.1f} ms; "
+            f"compile {s['jax_compile_s']:.2f} s apart |",
+            f"| onnxruntime `get_entropy_threshold` | {s['ort_per_tensor_ms']:.1f} "
+            f"| {s['ort_candidates']} | mean of {s['ort_tensors_timed']} tensors |",
+            "",
+            f"Speedup per tensor: **{s['speedup']:.0f}x** (jaxptq also scores twice the "
+            f"candidates: |x| histogram, i = 128..2048).",
+            "",
+        ]
+    if memory:
+        lines += [
+            "Peak RSS of a KL calibration (fresh process each; jaxptq streams lazily loaded "
+            "photos, onnxruntime's calibrator holds every Conv output):",
+            "",
+            "| samples | jaxptq peak RSS (MB) | jaxptq time (s) | onnxruntime peak RSS (MB) "
+            "| onnxruntime time (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for n in memory["jaxptq"]:
+            j, o = memory["jaxptq"][n], memory["onnxruntime"].get(n, {})
+            jr = f"{j['peak_rss_mb']:.0f}" if "peak_rss_mb" in j else str(j)
+            js = f"{j['seconds']:.0f}" if "seconds" in j else ""
+            orr = f"{o['peak_rss_mb']:.0f}" if "peak_rss_mb" in o else str(o.get("skipped", o))
+            os_ = f"{o['seconds']:.0f}" if "seconds" in o else ""
+            lines.append(f"| {n} | {jr} | {js} | {orr} | {os_} |")
+        sizes = list(memory["jaxptq"])
+        if len(sizes) == 2 and all("peak_rss_mb" in memory["jaxptq"][n] for n in sizes):
+            a, b = (memory["jaxptq"][n]["peak_rss_mb"] for n in sizes)
+            lines += ["", f"jaxptq peak RSS, {sizes[1]} vs {sizes[0]} samples: {b / a - 1:+.1%}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--part", choices=["all", "search", "memory", "ptq"], default="all")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--ort-tensors", type=int, default=None, help="time only the first N")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 400])
+    ap.add_argument("--child", choices=["jaxptq", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--samples", type=int, default=100, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child = child_jaxptq if args.child == "jaxptq" else child_ort
+        print(json.dumps(child(args.data, args.samples)))
+        return
+    search = memory = None
+    if args.part in ("all", "search"):
+        search = bench_search(args.data, args.repeats, args.ort_tensors)
+        print(json.dumps(search, indent=1), flush=True)
+    if args.part in ("all", "memory"):
+        memory = bench_memory(args.data, args.sizes)
+        print(json.dumps(memory, indent=1), flush=True)
+    if args.part in ("all", "ptq"):
+        print("whole PTQ:", whole_ptq(args.data))
+    print(report(search, memory, " ".join(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    main()
