@@ -23,6 +23,7 @@ device); only scalars and small histograms reach the host.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -61,6 +62,7 @@ _STAT_NAMES = ("Min", "Q1", "Median", "Q3", "MAX", "Mean", "Var", "Sparsity")
 # --- metrics (jnp, traceable) ----------------------------------------------------------------
 
 
+@jax.jit
 def tensor_stats(x: jax.Array) -> jax.Array:
     """`[min, q1, median, q3, max, mean, std, sparsity]` of all elements, float32.
 
@@ -83,6 +85,7 @@ def tensor_stats(x: jax.Array) -> jax.Array:
     return jnp.stack([s[0], *quartiles, s[-1], mean, std, sparsity])
 
 
+@jax.jit
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
     """MindSpore's `GetCosSimilarity`: 1 if both are ~0, 0 if one is, 0 on NaN/Inf."""
     a = jnp.ravel(a).astype(jnp.float32)
@@ -95,12 +98,14 @@ def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(finite, jnp.clip(cos, -1.0, 1.0), 0.0)
 
 
+@jax.jit
 def clip_rate(origin: jax.Array, dequant: jax.Array) -> jax.Array:
     """MindSpore's `GetClipRate`: share of `origin` outside `[min, max]` of `dequant`."""
     lo, hi = jnp.min(dequant), jnp.max(dequant)
     return jnp.mean(((origin > hi) | (origin < lo)).astype(jnp.float32))
 
 
+@functools.partial(jax.jit, static_argnames=("rtol", "atol"))
 def mean_bias(out: jax.Array, ref: jax.Array, rtol: float = 1e-5, atol: float = 1e-8) -> jax.Array:
     """MindSpore benchmark's "mean bias": over the elements off by more than
     `atol + rtol * |ref|`, the mean of `|out - ref| / |ref|` (`|out - ref|` where ref is 0

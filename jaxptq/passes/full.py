@@ -13,7 +13,7 @@ from jaxptq.graph import Site
 from jaxptq.passes.bias_correction import apply_bias_correction
 from jaxptq.passes.common import skip_reason, skipped_site_plan, weight_site_plan
 from jaxptq.plan import SitePlan
-from jaxptq.probe import site_inputs
+from jaxptq.probe import site_inputs, takes_any_batch
 from jaxptq.rewrite import GraphCache
 from jaxptq.targets import TARGETS
 
@@ -42,17 +42,21 @@ def plan_full_quant(
     progress: bool = True,
 ) -> tuple[list[SitePlan], Any]:
     """Calibrates every eligible site's input range, then plans int8 sites."""
-    from jaxptq.calibrate import calibrate
+    from jaxptq.calibrate import ROWS_PER_DEVICE, calibrate
 
     full = config.full_quant_param
     reasons = {s.name: skip_reason(s, config, size_rules=False) for s in sites}
     eligible = [s.name for s in sites if reasons[s.name] is None]
+    per_row = not takes_any_batch(graphs, in_tree, samples[0])
     result = calibrate(
-        site_inputs(graphs, in_tree, eligible),
+        site_inputs(graphs, in_tree, eligible, per_row),
         samples,
         full.activation_quant_method,
         outlier_percent=full.outlier_percent,
         progress=progress,
+        # Microbatches no larger than the caller's batches: models exported with a fixed
+        # batch size (an ONNX input of shape [1, ...]) cannot run 16 rows at once.
+        rows_per_device=min(ROWS_PER_DEVICE, min(len(s[0]) for s in samples)),
     )
     target = TARGETS[full.target_device]
     plans = []
@@ -70,5 +74,5 @@ def plan_full_quant(
         plan.act_symmetric = symmetric
         plans.append(plan)
     if full.bias_correction:
-        apply_bias_correction(graphs, in_tree, sites, plans, samples)
+        apply_bias_correction(graphs, in_tree, sites, plans, samples, per_row)
     return plans, result
