@@ -1,0 +1,185 @@
+"""`export_onnx`: a quantized function as an ONNX model (QDQ or QOperator), for one target."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import onnx
+
+from jaxptq.export._qparams import weight_storage
+from jaxptq.export._rewrite_onnx import SiteRef, node_name, quantize_graph
+from jaxptq.rewrite import QuantizedFunction
+from jaxptq.targets import TARGETS, TargetProfile
+
+logger = logging.getLogger(__name__)
+
+FORMS = ("qdq", "qoperator")
+# QuantizeLinear/DequantizeLinear per axis need opset 13; INT4 and INT16 weights need 21.
+_MIN_OPSET = 13
+_SUB_BYTE_OPSET = 21
+_IR_FOR_OPSET = {13: 7, 21: 10}
+
+
+def resolve_target(qfn: QuantizedFunction, target: str | None) -> TargetProfile:
+    name = target if target is not None else qfn.plan.config.full_quant_param.target_device
+    if name not in TARGETS:
+        known = ", ".join(k for k in TARGETS if k is not None)
+        raise ValueError(f"`target` = {name!r} is not a target profile; choose one of {known}.")
+    return TARGETS[name]
+
+
+def source_path(fn: Any) -> pathlib.Path | None:
+    """The file an imported ONNX model was read from, when known."""
+    path = getattr(fn, "path", None)
+    if path is not None:
+        return pathlib.Path(path)
+    label = getattr(fn, "_label", "")
+    if isinstance(label, str) and label.startswith("`") and label.endswith("`"):
+        return pathlib.Path(label[1:-1])
+    return None
+
+
+def _first_graph(qfn: QuantizedFunction) -> Any:
+    graphs = getattr(qfn._graphs, "_graphs", {})
+    if not graphs:
+        raise ValueError("`qfn` has no traced graph yet; call it once on an example input.")
+    return next(iter(graphs.values()))
+
+
+def _onnx_refs(qfn: QuantizedFunction, model: onnx.ModelProto) -> dict[str, SiteRef]:
+    """Matches each site of an imported model to its Conv/Gemm/MatMul node by name."""
+    graph = _first_graph(qfn)
+    nodes = {node_name(n, i): n for i, n in enumerate(model.graph.node)}
+    refs: dict[str, SiteRef] = {}
+    for site, plan in zip(graph.sites, qfn.plan.sites, strict=True):
+        if not plan.quantized:
+            continue
+        node = nodes.get(site.name)
+        if node is None:
+            raise NotImplementedError(
+                f"site `{site.name}` matches no ONNX node by name (a node that produced "
+                "several sites, e.g. `name#1`, cannot be exported yet)."
+            )
+        refs[node.name] = _node_ref(node, site, plan)
+    return refs
+
+
+def _node_ref(node: onnx.NodeProto, site: Any, plan: Any) -> SiteRef:
+    ndim = len(plan.weight_shape)
+    same = tuple(range(ndim))
+    if node.op_type == "Conv":
+        return SiteRef(plan, site, 1, 0, same)
+    if node.op_type in ("Gemm", "MatMul"):
+        w = site.weight_index
+        transposed = False
+        if node.op_type == "Gemm":
+            attr = "transB" if w == 1 else "transA"
+            transposed = any(a.name == attr and a.i for a in node.attribute)
+        return SiteRef(plan, site, w, 1 - w, tuple(reversed(same)) if transposed else same)
+    raise NotImplementedError(
+        f"site `{site.name}` comes from a {node.op_type} node; export handles the sites of "
+        "Conv, Gemm and MatMul nodes."
+    )
+
+
+def _needed_opset(qfn: QuantizedFunction) -> int:
+    for sp in qfn.plan.quantized_sites:
+        if sp.bits is not None and weight_storage(sp.bits).itemsize != 1:
+            return _SUB_BYTE_OPSET
+        if sp.bits is not None and sp.bits <= 4:
+            return _SUB_BYTE_OPSET
+    return _MIN_OPSET
+
+
+def _with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The model at `opset` or above (converted by onnx's version converter when older)."""
+    current = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= opset:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    except Exception as err:  # the converter raises bare RuntimeErrors
+        raise NotImplementedError(
+            f"the model is at opset {current}; quantized export needs opset {opset}, and "
+            f"onnx's version converter failed: {err}"
+        ) from err
+    converted.ir_version = max(converted.ir_version, _IR_FOR_OPSET.get(opset, 7))
+    return converted
+
+
+def build_model(
+    qfn: QuantizedFunction, target: TargetProfile, form: str, example_args: tuple = ()
+) -> onnx.ModelProto:
+    """The quantized ONNX model of `qfn`, in memory."""
+    model = getattr(qfn.fn, "model", None)
+    if isinstance(model, onnx.ModelProto):
+        source = _with_opset(model, _needed_opset(qfn))
+        refs = _onnx_refs(qfn, source)
+    else:
+        from jaxptq.export.onnx_translate import translate
+
+        source, refs = translate(qfn, example_args)
+        source = _with_opset(source, _needed_opset(qfn))
+    return quantize_graph(source, refs, target, form)
+
+
+def _write_atomically(model: onnx.ModelProto, path: pathlib.Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_onnx(
+    qfn: QuantizedFunction,
+    path: str | os.PathLike[str],
+    *example_args: Any,
+    target: str | None = None,
+    form: str = "qdq",
+) -> pathlib.Path:
+    """Writes the quantized function as an ONNX model.
+
+    An imported ONNX model keeps its nodes, names and wiring, with quantization inserted at
+    each quantized Conv/Gemm/MatMul node; a Flax or plain JAX function is translated from
+    its traced graph (pass `example_args` when `qfn` was called at several shapes).
+
+    Args:
+        qfn: the result of `jaxptq.ptq`.
+        path: the `.onnx` file to write (atomically; never the source model's file).
+        *example_args: inputs fixing the traced shapes of a JAX function (optional).
+        target: `CPU`, `NVGPU`, `DSP` or `ASCEND` (see `jaxptq.targets`); defaults to the
+            plan's `target_device`.
+        form: `"qdq"` (QuantizeLinear/DequantizeLinear around float ops) or `"qoperator"`
+            (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> qfn = jaxptq.ptq(jaxptq.import_onnx("net.onnx"), calib, {"quant_type": "FULL_QUANT"})
+        >>> jaxptq.export_onnx(qfn, "net_int8.onnx", target="CPU")
+    """
+    if form not in FORMS:
+        raise ValueError(f"`form` = {form!r} is not valid; choose one of {', '.join(FORMS)}.")
+    profile = resolve_target(qfn, target)
+    out = pathlib.Path(path)
+    src = source_path(qfn.fn)
+    if src is not None and out.resolve() == src.resolve():
+        raise ValueError(
+            f"refusing to write the quantized model over its source model `{src}`; "
+            "choose another `path`."
+        )
+    model = build_model(qfn, profile, form, example_args)
+    onnx.checker.check_model(model, full_check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(model, out)
+    logger.info("wrote %s (%s, target %s)", out, form, profile.name)
+    return out
