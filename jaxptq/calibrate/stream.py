@@ -193,7 +193,7 @@ def run_pass(
     names: list[str] = []
     stats: dict[str, Stats] = {}
     step: Callable[..., Any] | None = None
-    flags: list[tuple[jax.Array, Microbatch]] = []
+    flags: list[tuple[jax.Array, int, np.ndarray]] = []  # no inputs kept: memory stays flat
     num_rows, since_drain, per_row = 0, 0, 1
     try:
         for mb in microbatches(batches, rows, on_batch=bar.update):
@@ -215,7 +215,7 @@ def run_pass(
             valid = np.arange(rows) < mb.num_valid
             placed = sharding.put_rows(mesh, (valid, *mb.args))
             stats, row_flags = step(stats, *placed)
-            flags.append((row_flags, mb))
+            flags.append((row_flags, mb.num_valid, mb.batch_index))
             num_rows += mb.num_valid
     finally:
         bar.close()
@@ -224,19 +224,19 @@ def run_pass(
 
 
 def _first_nonfinite(
-    flags: list[tuple[jax.Array, Microbatch]], names: list[str], columns: np.ndarray
+    flags: list[tuple[jax.Array, int, np.ndarray]], names: list[str], columns: np.ndarray
 ) -> tuple[str, int] | None:
     """Checked on the host after the pass, so the steps never wait on a device flag.
 
     Returns the site and the caller's batch index of the first bad row; the batch index
     is -1 when the row belongs to another process.
     """
-    for row_flags, mb in flags:
+    for row_flags, num_valid, batch_index in flags:
         every = sharding.fetch_replicated(row_flags)
-        bad = every[:, columns][:, : mb.num_valid]
+        bad = every[:, columns][:, :num_valid]
         if bad.any():
             site, row = min(np.argwhere(bad).tolist(), key=lambda sr: (sr[1], sr[0]))
-            return names[site], int(mb.batch_index[row])
+            return names[site], int(batch_index[row])
         if every.any():
             return names[int(np.argwhere(every)[0, 0])], -1
     return None
