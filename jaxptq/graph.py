@@ -19,6 +19,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jaxptq import depthwise
+
 logger = logging.getLogger(__name__)
 
 # Call-like primitives whose bodies run inline: their equations join the outer graph.
@@ -235,6 +237,9 @@ def _dtype_of(a: Any) -> Any:
 
 SiteRule = Callable[[Site, list[Any]], Any]
 
+# Faster lowerings of float primitives that XLA:CPU runs slowly (see jaxptq.depthwise).
+FAST_RULES: dict[Any, Callable[..., Any]] = {lax.conv_general_dilated_p: depthwise.conv}
+
 
 def evaluate(
     graph: Graph,
@@ -263,6 +268,8 @@ def evaluate(
         rule = rules.get(id(node))
         if rule is not None:
             out = [rule(sites[id(node)], vals)]
+        elif node.primitive in FAST_RULES:
+            out = [FAST_RULES[node.primitive](*vals, node.params)]
         else:
             result = node.primitive.bind(*vals, **node.params)
             out = result if node.primitive.multiple_results else [result]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxptq import qmath
+from jaxptq import depthwise, qmath
 from jaxptq.graph import Site
 from jaxptq.layout import SiteLayout, site_layout, to_output
 from jaxptq.plan import SitePlan
@@ -32,6 +32,8 @@ def _bind_int(site: Site, x_q: Any, w_q: Any, params: dict[str, Any]) -> Any:
     params = dict(params, preferred_element_type=np.dtype(np.int32))
     if "precision" in params:
         params["precision"] = None
+    if site.primitive == "conv_general_dilated":
+        return depthwise.conv(x_q, w_q, params)
     return site.node.primitive.bind(*_operands(site, x_q, w_q), **params)
 
 
@@ -54,6 +56,8 @@ def weight_only_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -
     dtype = site.node.inputs[site.weight_index].aval.dtype
     w = (q.astype(jnp.float32) * args["scale"]).astype(dtype)
     x = vals[1 - site.weight_index]
+    if site.primitive == "conv_general_dilated":
+        return depthwise.conv(x, w, site.node.params)
     return site.node.primitive.bind(*_operands(site, x, w), **site.node.params)
 
 

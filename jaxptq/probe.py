@@ -22,8 +22,20 @@ def _float_consts(graph: Any) -> dict[int, Any]:
     return {v.id: v.const for v in graph.runtime_consts()}
 
 
+def rowwise(fn: Callable[..., Any], per_row: bool) -> Callable[..., Any]:
+    """Runs `fn` one row at a time under `jax.vmap` when the model only takes one
+    row per call (e.g. an ONNX graph exported with batch 1), so callers may batch rows."""
+    if not per_row:
+        return fn
+
+    def each(*flat: Any) -> Any:
+        return jax.vmap(lambda *row: fn(*[r[None] for r in row]))(*flat)
+
+    return each
+
+
 def site_inputs(
-    graphs: GraphCache, in_tree: Any, names: Sequence[str]
+    graphs: GraphCache, in_tree: Any, names: Sequence[str], per_row: bool = False
 ) -> Callable[..., dict[str, jax.Array]]:
     """`(*flat_batch) -> {site: activation operand}` for the named sites."""
     wanted = set(names)
@@ -42,11 +54,11 @@ def site_inputs(
         _evaluate_float(graph, jax_args, rules)
         return seen
 
-    return fn
+    return rowwise(fn, per_row)
 
 
 def site_output_pairs(
-    graphs: GraphCache, in_tree: Any, plans: Sequence[SitePlan]
+    graphs: GraphCache, in_tree: Any, plans: Sequence[SitePlan], per_row: bool = False
 ) -> Callable[..., dict[str, tuple[jax.Array, jax.Array]]]:
     """`(*flat_batch) -> {site: (float output, quantized output)}`, both from the float
     input of the site, so each site's own error is measured apart from the others'."""
@@ -69,7 +81,18 @@ def site_output_pairs(
         _evaluate_float(graph, jax.tree_util.tree_leaves(args), rules)
         return pairs
 
-    return fn
+    return rowwise(fn, per_row)
+
+
+def takes_any_batch(graphs: GraphCache, in_tree: Any, sample: Sequence[Any]) -> bool:
+    """Whether `fn` also runs with one more row than `sample` has (most models do; an
+    ONNX graph exported with a fixed batch of 1 does not)."""
+    bigger = [jax.ShapeDtypeStruct((a.shape[0] + 1, *a.shape[1:]), a.dtype) for a in sample]
+    try:
+        graphs.get(jax.tree_util.tree_unflatten(in_tree, bigger))
+    except Exception:  # noqa: BLE001 - any failure to trace means "fixed batch"
+        return False
+    return True
 
 
 def _evaluate_float(graph: Any, flat: Sequence[Any], rules: dict[int, Any]) -> list[Any]:

@@ -15,7 +15,12 @@ from jaxptq.plan import QuantPlan, SitePlan
 
 
 def _shape_key(flat: list[Any], tree: Any) -> tuple[Any, ...]:
-    return (tree, tuple((tuple(np.shape(a)), str(np.result_type(a))) for a in flat))
+    return (
+        tree,
+        tuple(
+            (tuple(np.shape(a)), str(getattr(a, "dtype", None) or np.result_type(a))) for a in flat
+        ),
+    )
 
 
 class GraphCache:

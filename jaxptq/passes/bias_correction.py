@@ -27,6 +27,7 @@ def apply_bias_correction(
     sites: Sequence[Site],
     plans: Sequence[SitePlan],
     samples: Sequence[tuple[Any, ...]],
+    per_row: bool = False,
 ) -> None:
     """Sets `bias_correction` on every quantized site plan, from one pass over `samples`."""
     active = [p for p in plans if p.int8_compute]
@@ -38,7 +39,7 @@ def apply_bias_correction(
         if lay is not None:
             kept = {o for o in lay.weight_to_out if o is not None}
             channel_axes[site.name] = tuple(a for a in range(lay.out_ndim) if a not in kept)
-    pairs = site_output_pairs(graphs, in_tree, active)
+    pairs = site_output_pairs(graphs, in_tree, active, per_row)
 
     @jax.jit
     def step(*flat: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -46,7 +47,10 @@ def apply_bias_correction(
         for name, (y_float, y_quant) in pairs(*flat).items():
             axes = channel_axes[name]
             diff = y_float.astype(jnp.float32) - y_quant.astype(jnp.float32)
-            count = np.prod([diff.shape[a] for a in axes]) if axes else 1
+            rows = 1
+            if per_row:  # rowwise evaluation added a leading row axis
+                rows, diff = diff.shape[0], diff.sum(axis=0)
+            count = rows * (np.prod([diff.shape[a] for a in axes]) if axes else 1)
             out[name] = (jnp.sum(diff, axis=axes, keepdims=True), jnp.float32(count))
         return out
 

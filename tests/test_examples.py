@@ -1,0 +1,26 @@
+"""The examples run as a researcher would run them, and their numbers hold."""
+
+from __future__ import annotations
+
+import pathlib
+import runpy
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize(
+    ("script", "sites"),
+    [("quantize_nnx.py", 5), ("quantize_linen.py", 3), ("quantize_jax_function.py", 2)],
+)
+def test_example_quantizes_with_small_drop(
+    script: str, sites: int, capsys: pytest.CaptureFixture
+) -> None:
+    main = runpy.run_path(str(EXAMPLES / script))["main"]
+    result = main()
+    assert result["fp32"] >= 95.0
+    assert result["fp32"] - result["int8"] <= 1.5
+    assert result["int8_sites"] == sites
+    out = capsys.readouterr().out
+    assert "sites quantized" in out and "top-1" in out
