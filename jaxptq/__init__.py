@@ -7,6 +7,9 @@ from jaxptq.api import ptq as ptq
 from jaxptq.config import ConfigError as ConfigError
 from jaxptq.config import QuantConfig as QuantConfig
 from jaxptq.importers.onnx import import_onnx as import_onnx
+from jaxptq.kvcache import FloatKVCache as FloatKVCache
+from jaxptq.kvcache import QuantKVCache as QuantKVCache
+from jaxptq.kvcache import kv_cache_from_config as kv_cache_from_config
 from jaxptq.plan import QuantPlan as QuantPlan
 from jaxptq.plan import SitePlan as SitePlan
 from jaxptq.rewrite import QuantizedFunction as QuantizedFunction
@@ -14,12 +17,15 @@ from jaxptq.rewrite import QuantizedFunction as QuantizedFunction
 __all__ = [
     "AccuracyControlResult",
     "ConfigError",
+    "FloatKVCache",
+    "QuantKVCache",
     "QuantConfig",
     "QuantPlan",
     "QuantizedFunction",
     "SitePlan",
     "apply_plan",
     "import_onnx",
+    "kv_cache_from_config",
     "ptq",
     "ptq_with_accuracy_control",
 ]
