@@ -32,6 +32,20 @@ def resolve_target(qfn: QuantizedFunction, target: str | None) -> TargetProfile:
     return TARGETS[name]
 
 
+def check_plan_fits(qfn: QuantizedFunction, target: TargetProfile) -> None:
+    """A plan made for asymmetric activations cannot be exported to a symmetric target."""
+    if not target.act_symmetric:
+        return
+    for sp in qfn.plan.quantized_sites:
+        if sp.act_mode == "static" and sp.act_zero_point not in (0, None):
+            raise ValueError(
+                f"target {target.name} takes symmetric activations (zero point 0), but site "
+                f"`{sp.name}` has zero point {sp.act_zero_point}: the plan was made for "
+                f"target_device={qfn.plan.config.full_quant_param.target_device!r}. Run "
+                f"`ptq` with target_device={target.name!r}."
+            )
+
+
 def source_path(fn: Any) -> pathlib.Path | None:
     """The file an imported ONNX model was read from, when known."""
     path = getattr(fn, "path", None)
@@ -170,6 +184,7 @@ def export_onnx(
     if form not in FORMS:
         raise ValueError(f"`form` = {form!r} is not valid; choose one of {', '.join(FORMS)}.")
     profile = resolve_target(qfn, target)
+    check_plan_fits(qfn, profile)
     out = pathlib.Path(path)
     src = source_path(qfn.fn)
     if src is not None and out.resolve() == src.resolve():

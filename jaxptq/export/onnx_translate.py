@@ -25,7 +25,7 @@ from jaxptq.export._rewrite_onnx import SiteRef
 from jaxptq.graph import Graph, Node, Site, Value, _Literal
 from jaxptq.rewrite import QuantizedFunction
 
-OPSET = 17
+OPSET = 18
 _BATCH = "batch"
 
 
@@ -174,6 +174,30 @@ def _broadcast(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
     if all(t == 1 for t in target):
         return [x]
     return [ctx.emit("Expand", [x, ctx.ints("shape", target)], "broadcast")]
+
+
+@_register("split")
+def _split(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
+    sizes, axis = node.params["sizes"], int(node.params["axis"])
+    split = node_split = ctx.b.node("Split", [ins[0], ctx.ints("split", sizes)], "split",
+                                    n_out=len(sizes), axis=axis)
+    ctx.nodes.append(node_split[0])
+    return split[1]
+
+
+@_register("concatenate")
+def _concatenate(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
+    return [ctx.emit("Concat", ins, "concat", axis=int(node.params["dimension"]))]
+
+
+@_register("slice")
+def _slice(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
+    p = node.params
+    starts, ends = p["start_indices"], p["limit_indices"]
+    steps = p["strides"] or [1] * len(starts)
+    args = [ctx.ints("starts", starts), ctx.ints("ends", ends),
+            ctx.ints("axes", range(len(starts))), ctx.ints("steps", steps)]
+    return [ctx.emit("Slice", [ins[0], *args], "slice")]
 
 
 def _reduce(op: str) -> Rule:

@@ -14,6 +14,7 @@ from jaxptq.importers.onnx import (  # noqa: F401
     ops_math,
     ops_norm,
     ops_pool,
+    ops_quant,
     ops_reduce,
     ops_resize,
     ops_shape,

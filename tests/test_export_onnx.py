@@ -1,0 +1,261 @@
+"""ONNX export: every emitted model passes the full checker, runs in onnxruntime and agrees
+with the JAX integer program; imported models keep their nodes; files are written safely."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections import Counter
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from flax import nnx
+from onnx import TensorProto, helper, numpy_helper
+
+from jaxptq import import_onnx
+from jaxptq.api import ptq
+from jaxptq.export import export_onnx
+
+TARGETS = ("CPU", "DSP", "ASCEND", "NVGPU")
+FORMS = ("qdq", "qoperator")
+
+
+def ort_run(path: str | os.PathLike[str], x: np.ndarray, **config: str) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for key, value in config.items():
+        so.add_session_config_entry(key, value)
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def check_agreement(want: Any, got: np.ndarray, cos_min: float = 0.9999, top1: float = 0.995):
+    """Row-wise cosine similarity and top-1 agreement of two (N, ..., C) outputs."""
+    a = np.asarray(want, np.float64).reshape(-1, np.shape(want)[-1])
+    b = np.asarray(got, np.float64).reshape(a.shape)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    agree = np.mean(a.argmax(1) == b.argmax(1))
+    assert cos.min() >= cos_min, f"min cosine {cos.min():.6f}"
+    assert agree >= top1, f"top-1 agreement {agree:.4f}"
+    return cos.min(), agree
+
+
+def ops(path: str | os.PathLike[str]) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+# --- LeNet-5 / MLP trained on digits ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lenet_full(lenet, calib):
+    """One asymmetric plan (CPU, DSP and ASCEND share it) and one symmetric (NVGPU)."""
+    plans = {None: ptq(lenet, calib, {"quant_type": "FULL_QUANT"})}
+    plans["NVGPU"] = ptq(lenet, calib, {"quant_type": "FULL_QUANT", "target_device": "NVGPU"})
+    return plans
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_lenet_full_quant_every_target_and_form(lenet_full, digits_data, tmp_path, target, form):
+    qfn = lenet_full["NVGPU" if target == "NVGPU" else None]
+    x = digits_data[2][:256]
+    path = export_onnx(qfn, tmp_path / "lenet.onnx", x, target=target, form=form)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    got = ort_run(path, x)
+    check_agreement(qfn(x), got)
+    counts = ops(path)
+    if form == "qdq":
+        assert counts["QuantizeLinear"] >= 5 and counts["Conv"] == 2 and counts["MatMul"] == 3
+        weights = [t for t in onnx.load(str(path)).graph.initializer if t.name.endswith(
+            "_W_quantized")]
+        assert len(weights) == 5 and all(t.data_type == TensorProto.INT8 for t in weights)
+    else:
+        assert counts["ConvInteger"] + counts["QLinearConv"] == 2
+        assert counts["MatMulInteger"] + counts["QLinearMatMul"] == 3
+        assert "Conv" not in counts and "MatMul" not in counts
+    x_type = TensorProto.UINT8 if target in ("CPU", "DSP") else TensorProto.INT8
+    zps = [t for t in onnx.load(str(path)).graph.initializer if t.name.endswith("x_zero_point")]
+    assert zps and all(t.data_type == x_type for t in zps)
+    if target == "NVGPU":
+        assert all(numpy_helper.to_array(t) == 0 for t in zps)
+    # QDQ: an int32 bias where the target asks for it. QOperator: QLinearConv always takes
+    # one; ConvInteger/MatMulInteger add a float bias after the rescale.
+    int32_bias = [t for t in onnx.load(str(path)).graph.initializer
+                  if t.data_type == TensorProto.INT32 and "_B_" in t.name]
+    if form == "qdq":
+        assert bool(int32_bias) == (target in ("DSP", "ASCEND"))
+    else:
+        assert bool(int32_bias) == (counts["QLinearConv"] > 0)
+
+
+def test_mlp_full_quant_batch_is_free(mlp, calib, digits_data, tmp_path):
+    qfn = ptq(mlp, calib, {"quant_type": "FULL_QUANT", "target_device": "CPU"})
+    x = digits_data[2]
+    for form in FORMS:
+        path = export_onnx(qfn, tmp_path / f"mlp_{form}.onnx", x[:10], form=form)
+        got = np.concatenate([ort_run(path, x[i : i + 100]) for i in range(0, len(x), 100)])
+        check_agreement(qfn(x), got)
+        # The exported model classifies real digits as well as the JAX int8 program.
+        y = digits_data[3]
+        assert abs(np.mean(got.argmax(1) == y) - np.mean(np.asarray(qfn(x)).argmax(1) == y)) < 0.01
+
+
+def test_lenet_weight_quant_4bit_is_int4_and_small(lenet, calib, digits_data, tmp_path):
+    cfg = {"quant_type": "WEIGHT_QUANT", "bit_num": 4, "min_quant_weight_channel": 0}
+    qfn = ptq(lenet, calib, cfg)
+    x = digits_data[2][:256]
+    path = export_onnx(qfn, tmp_path / "lenet4.onnx", x)
+    model = onnx.load(str(path))
+    assert max(o.version for o in model.opset_import if o.domain == "") >= 21
+    weights = [t for t in model.graph.initializer if t.name.endswith("_W_quantized")]
+    assert len(weights) == 5 and all(t.data_type == TensorProto.INT4 for t in weights)
+    # Weight-only: no activation quantization anywhere.
+    assert ops(path)["QuantizeLinear"] == 0
+    # onnxruntime's default fuses DQ -> MatMul into MatMulNBits with int8 activations
+    # (accuracy level 4); level 0 keeps float activations, as the JAX program does.
+    got = ort_run(path, x, **{"session.qdq_matmulnbits_accuracy_level": "0"})
+    check_agreement(qfn(x), got, cos_min=0.99999)
+    float_path = tmp_path / "lenet_f32.onnx"
+    float_qfn = ptq(lenet, calib, {"quant_type": "WEIGHT_QUANT", "skip_quant_node": [
+        s.name for s in qfn.plan.sites]})
+    export_onnx(float_qfn, float_path, x)
+    assert os.path.getsize(path) < 0.2 * os.path.getsize(float_path)
+
+
+# --- a transformer block in Flax ---------------------------------------------------------------
+
+
+class Block(nnx.Module):
+    """Pre-norm self-attention and a GELU MLP, the shape of a ViT/GPT block."""
+
+    def __init__(self, d: int = 32, heads: int = 4, *, rngs: nnx.Rngs):
+        self.heads = heads
+        self.ln1, self.ln2 = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d, rngs=rngs)
+        self.qkv, self.out = nnx.Linear(d, 3 * d, rngs=rngs), nnx.Linear(d, d, rngs=rngs)
+        self.up, self.down = nnx.Linear(d, 4 * d, rngs=rngs), nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
+        q, k, v = (a.reshape(b, t, self.heads, d // self.heads) for a in (q, k, v))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // self.heads)
+        y = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        x = x + self.out(y.reshape(b, t, d))
+        return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+
+
+@pytest.mark.parametrize("quant_type", ["FULL_QUANT", "DYNAMIC_QUANT"])
+def test_transformer_block(quant_type, tmp_path):
+    rng = np.random.default_rng(0)
+    block = Block(rngs=nnx.Rngs(0))
+    samples = [rng.normal(size=(4, 8, 32)).astype(np.float32) for _ in range(4)]
+    qfn = ptq(block, samples, {"quant_type": quant_type, "target_device": "CPU"}
+              if quant_type == "FULL_QUANT" else {"quant_type": quant_type})
+    x = rng.normal(size=(16, 8, 32)).astype(np.float32)
+    for form in FORMS:
+        path = export_onnx(qfn, tmp_path / f"block_{form}.onnx", x[:4], form=form)
+        assert ops(path)["Einsum"] == 2
+        check_agreement(qfn(x), ort_run(path, x), cos_min=0.99999)
+
+
+# --- imported ONNX models --------------------------------------------------------------------
+
+
+def _convnet(path: pathlib.Path) -> pathlib.Path:
+    """Conv -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm(transB)."""
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (16, 3, 3, 3)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), "w2")
+    fc = numpy_helper.from_array(rng.normal(0, 0.2, (10, 16)).astype(np.float32), "fc")
+    fb = numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv_a", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu_a"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv_b", pads=[1] * 4),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu_b"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc", "fb"], ["y"], name="head", transB=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])
+    graph = helper.make_graph(nodes, "convnet", [x], [y], initializer=[w1, b1, w2, fc, fb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def convnet(tmp_path_factory):
+    path = _convnet(tmp_path_factory.mktemp("convnet") / "convnet.onnx")
+    rng = np.random.default_rng(2)
+    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    qfn = ptq(import_onnx(path), samples, {"quant_type": "FULL_QUANT", "target_device": "DSP"})
+    return path, qfn, rng.normal(size=(64, 3, 8, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_imported_model_keeps_nodes_and_names(convnet, tmp_path, form):
+    src, qfn, x = convnet
+    path = export_onnx(qfn, tmp_path / "q.onnx", form=form)
+    model = onnx.load(str(path))
+    names = {n.name: n.op_type for n in model.graph.node}
+    for name in ("relu_b", "gap", "flat"):
+        assert name in names
+    if form == "qdq":
+        assert names["conv_a"] == "Conv" and names["conv_b"] == "Conv" and names["head"] == "Gemm"
+        # Gemm(transB=1): the integer weight keeps the initializer's (N, K) layout, axis 0.
+        head = next(n for n in model.graph.node if n.name == "head")
+        dq = next(n for n in model.graph.node if n.output[0] == head.input[1])
+        w = next(t for t in model.graph.initializer if t.name == dq.input[0])
+        assert tuple(w.dims) == (10, 16) and helper.get_attribute_value(dq.attribute[0]) == 0
+    else:
+        assert names["conv_a"] == "QLinearConv" and names["conv_b"] in ("QLinearConv",
+                                                                         "ConvInteger")
+        assert names["head"] == "MatMulInteger"
+    assert [i.name for i in model.graph.input] == ["x"]
+    assert [o.name for o in model.graph.output] == ["y"]
+    check_agreement(qfn(x), ort_run(path, x))
+
+
+def test_round_trip_through_the_importer(convnet, tmp_path):
+    src, qfn, x = convnet
+    path = export_onnx(qfn, tmp_path / "q.onnx")
+    again = import_onnx(path)
+    check_agreement(qfn(x), np.asarray(again(x)))
+
+
+def test_refuses_to_overwrite_the_source_model(convnet):
+    src, qfn, _ = convnet
+    before = src.read_bytes()
+    with pytest.raises(ValueError, match="over its source model"):
+        export_onnx(qfn, src)
+    assert src.read_bytes() == before
+
+
+def test_writes_atomically_and_leaves_no_temporary_files(convnet, tmp_path):
+    _, qfn, _ = convnet
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"old")
+    export_onnx(qfn, out)
+    assert onnx.load(str(out)).graph.node
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_bad_arguments_are_named(convnet, lenet_full, tmp_path):
+    _, qfn, _ = convnet
+    with pytest.raises(ValueError, match="`form`"):
+        export_onnx(qfn, tmp_path / "a.onnx", form="qlinear")
+    with pytest.raises(ValueError, match="`target`"):
+        export_onnx(qfn, tmp_path / "a.onnx", target="TPU")
+    # An asymmetric plan cannot be exported for a target with symmetric activations.
+    with pytest.raises(ValueError, match="NVGPU"):
+        export_onnx(lenet_full[None], tmp_path / "a.onnx", target="NVGPU")
