@@ -331,13 +331,28 @@ def _export(qfn: Any, sample: tuple[Any, ...], folder: pathlib.Path, form: str) 
     return written
 
 
+def _legacy_image_format(config: Any, fn: Any, data_format: str | None) -> Any:
+    """r1.x fed images as they were: a one-channel model input reads them as GRAY."""
+    from jaxptq.preprocess import input_layout
+
+    spec = fn.input_specs[0]
+    if spec.shape is None or len(spec.shape) != 4:
+        return config
+    layout = input_layout(spec, data_format)
+    channels = spec.shape[1] if layout == "NCHW" else spec.shape[3]
+    return config.replace(image_to_format="GRAY") if channels == 1 else config
+
+
 def _convert(ns: argparse.Namespace) -> int:
     import jaxptq
+    from jaxptq import ini
 
     progress = not ns.no_progress
     config = _load_config(ns.config)
     out = _check_output(ns.output, ns.model)
     fn = _load_model(ns.model)
+    if isinstance(ns.config, str) and ini.is_flat_config(ns.config):
+        config = _legacy_image_format(config, fn, ns.data_format)
     quant_type = config.quant_type
     data = config.data_preprocess_param
     if data.calibrate_path:

@@ -411,6 +411,15 @@ def _legacy_input_type(paths: str, source: str) -> str:
     return "BIN" if names and all(n.lower().endswith(".bin") for n in names) else "IMAGE"
 
 
+def is_flat_config(path: str | os.PathLike[str]) -> bool:
+    """True for an r1.x converter config: keys but no `[section]` headers."""
+    try:
+        sections, loose = _split_lines(pathlib.Path(path).read_text(encoding="utf-8"), str(path))
+    except (OSError, UnicodeDecodeError, ConfigError):
+        return False
+    return bool(loose) and not sections
+
+
 def _all_keys() -> list[str]:
     return [k for s in SECTIONS for k in _field_names(s)]
 

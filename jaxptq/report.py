@@ -16,8 +16,10 @@ Column meanings follow MindSpore Lite's `statistic_utils.h`:
 - CosineSimilarity: `Dequant` vs `Origin` (1 on `Origin` rows; 1 when both are all zero,
   0 when only one is, 0 on NaN/Inf).
 
-All statistics of a round come out of one jitted program (sorts and reductions on
-device); only scalars and small histograms reach the host.
+Per round, one jitted program runs both models and concatenates every site's tensors,
+and one more computes all their statistics at once (a sort keyed by tensor, segment sums):
+two compiles per model whatever its number of sites, and only scalars and small
+histograms reach the host.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import csv
 import functools
 import io
 import logging
-import math
 import os
 import pathlib
 import re
@@ -37,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxptq import kernels
 from jaxptq.graph import Graph, Site, evaluate
@@ -56,33 +58,16 @@ QUANT_PARAM_COLUMNS = (
     "CorrectionVar", "CorrectionMean",
 )  # fmt: skip
 HIST_BINS = 128
-_STAT_NAMES = ("Min", "Q1", "Median", "Q3", "MAX", "Mean", "Var", "Sparsity")
 
 
 # --- metrics (jnp, traceable) ----------------------------------------------------------------
 
 
-@jax.jit
 def tensor_stats(x: jax.Array) -> jax.Array:
-    """`[min, q1, median, q3, max, mean, std, sparsity]` of all elements, float32.
-
-    Quantiles interpolate linearly between sorted values (MindSpore's `Quantile`); the
-    element count is static, so the positions are Python numbers and one sort suffices.
-    """
-    x = jnp.ravel(x).astype(jnp.float32)
-    s = jnp.sort(x)
-    n = x.size
-
-    def quantile(p: float) -> jax.Array:
-        pos = (n - 1) * p
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return s[lo] * (1.0 - (pos - lo)) + s[hi] * (pos - lo)
-
-    mean = jnp.mean(x)
-    std = jnp.sqrt(jnp.mean(jnp.square(x - mean)))
-    sparsity = jnp.mean((x == 0).astype(jnp.float32))
-    quartiles = [quantile(p) for p in (0.25, 0.5, 0.75)]
-    return jnp.stack([s[0], *quartiles, s[-1], mean, std, sparsity])
+    """`[min, q1, median, q3, max, mean, std, sparsity]` of all elements of one tensor."""
+    x = jnp.ravel(jnp.asarray(x, jnp.float32))
+    seg = jnp.zeros(x.shape, jnp.int32)
+    return segment_stats(x, x, seg, (int(x.size),))["stats"][0, 0]
 
 
 @jax.jit
@@ -96,13 +81,6 @@ def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
     cos = jnp.where((sa < tiny) & (sb < tiny), 1.0, jnp.where(sa * sb < tiny, 0.0, cos))
     finite = jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b))
     return jnp.where(finite, jnp.clip(cos, -1.0, 1.0), 0.0)
-
-
-@jax.jit
-def clip_rate(origin: jax.Array, dequant: jax.Array) -> jax.Array:
-    """MindSpore's `GetClipRate`: share of `origin` outside `[min, max]` of `dequant`."""
-    lo, hi = jnp.min(dequant), jnp.max(dequant)
-    return jnp.mean(((origin > hi) | (origin < lo)).astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("rtol", "atol"))
@@ -119,14 +97,6 @@ def mean_bias(out: jax.Array, ref: jax.Array, rtol: float = 1e-5, atol: float = 
     terms = jnp.where(zero_ref, err, err / (jnp.abs(ref) + jnp.finfo(jnp.float32).tiny))
     total = jnp.sum(jnp.where(counted, terms, 0.0))
     return total / jnp.maximum(jnp.sum(counted), 1)
-
-
-def _histogram(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    x = jnp.ravel(x).astype(jnp.float32)
-    lo, hi = jnp.min(x), jnp.max(x)
-    width = jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny)
-    idx = jnp.clip(jnp.floor((x - lo) / width * HIST_BINS), 0, HIST_BINS - 1).astype(jnp.int32)
-    return jnp.bincount(idx, length=HIST_BINS), lo, hi
 
 
 # --- what the quantized program feeds each site -----------------------------------------------
@@ -155,38 +125,100 @@ def dequantized_weight(plan: SitePlan) -> np.ndarray | None:
 # --- one round ------------------------------------------------------------------------------
 
 
-@jax.jit
-@jax.vmap
-def _pair_stats(origin: jax.Array, dequant: jax.Array) -> dict[str, Any]:
-    """Statistics of same-shaped (origin, dequant) pairs, vmapped over a group of them."""
-    return {
-        "stats": jnp.stack([tensor_stats(origin), tensor_stats(dequant)]),
-        "cmp": jnp.stack([clip_rate(origin, dequant), cosine_similarity(origin, dequant)]),
-        "hist": _histogram(origin),
-    }
-
-
 _Key = tuple[str, str]  # (site name, "in" / "out" / "weight")
 
 
-def _group_stats(pairs: dict[_Key, tuple[Any, Any]]) -> dict[_Key, dict[str, Any]]:
-    """Runs `_pair_stats` once per group of same-shaped tensors (one compile per shape)."""
-    groups: dict[tuple[int, ...], list[_Key]] = {}
-    for key, (origin, _) in pairs.items():
-        groups.setdefault(tuple(np.shape(origin)), []).append(key)
-    out: dict[_Key, dict[str, Any]] = {}
-    for keys in groups.values():
-        origin = jnp.stack([jnp.asarray(pairs[k][0], jnp.float32) for k in keys])
-        dequant = jnp.stack([jnp.asarray(pairs[k][1], jnp.float32) for k in keys])
-        result = jax.device_get(_pair_stats(origin, dequant))
-        for i, key in enumerate(keys):
-            out[key] = jax.tree_util.tree_map(lambda a, i=i: a[i], result)
-    return out
+def _sorted_by_segment(seg: jax.Array, x: jax.Array) -> jax.Array:
+    return lax.sort((seg, x), num_keys=2)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("sizes",))
+def segment_stats(
+    origin: jax.Array, dequant: jax.Array, seg: jax.Array, sizes: tuple[int, ...]
+) -> dict[str, jax.Array]:
+    """MindSpore's statistics for many tensors at once, in one program.
+
+    Args:
+        origin: the float tensors, raveled and concatenated.
+        dequant: the same tensors as the quantized program has them, likewise.
+        seg: the segment (tensor) index of every element, non-decreasing.
+        sizes: the element count of each segment (static).
+
+    Returns:
+        `stats` `(S, 2, 8)`: `[min, q1, median, q3, max, mean, std, sparsity]` of origin and
+        dequant; `cmp` `(S, 2)`: clip rate and cosine similarity; `hist` `(S, HIST_BINS)`
+        with `hist_lo`, `hist_hi` `(S,)`: a histogram of each origin tensor.
+    """
+    num = len(sizes)
+    counts = np.asarray(sizes, np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ends = starts + counts - 1
+    n = counts.astype(np.float32)
+
+    def segsum(v: jax.Array) -> jax.Array:
+        return jax.ops.segment_sum(v, seg, num, indices_are_sorted=True)
+
+    def describe(x: jax.Array, s: jax.Array) -> jax.Array:
+        def quantile(p: float) -> jax.Array:  # linear interpolation, positions are static
+            pos = (counts - 1) * p
+            lo, hi = np.floor(pos).astype(np.int64), np.ceil(pos).astype(np.int64)
+            h = (pos - lo).astype(np.float32)
+            return s[starts + lo] * (1.0 - h) + s[starts + hi] * h
+
+        mean = segsum(x) / n
+        std = jnp.sqrt(segsum(jnp.square(x - mean[seg])) / n)
+        sparsity = segsum((x == 0).astype(jnp.float32)) / n
+        quantiles = [quantile(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        return jnp.stack([*quantiles, mean, std, sparsity], axis=1)
+
+    origin = origin.astype(jnp.float32)
+    dequant = dequant.astype(jnp.float32)
+    so, sd = _sorted_by_segment(seg, origin), _sorted_by_segment(seg, dequant)
+    lo_d, hi_d = sd[starts], sd[ends]
+    clip = segsum(((origin > hi_d[seg]) | (origin < lo_d[seg])).astype(jnp.float32)) / n
+    dot, sa, sb = segsum(origin * dequant), segsum(origin * origin), segsum(dequant * dequant)
+    tiny = jnp.finfo(jnp.float32).tiny
+    cos = dot / jnp.maximum(jnp.sqrt(sa) * jnp.sqrt(sb), tiny)
+    cos = jnp.where((sa < tiny) & (sb < tiny), 1.0, jnp.where(sa * sb < tiny, 0.0, cos))
+    finite = segsum((~(jnp.isfinite(origin) & jnp.isfinite(dequant))).astype(jnp.float32)) == 0
+    cos = jnp.where(finite, jnp.clip(cos, -1.0, 1.0), 0.0)
+    lo_o, hi_o = so[starts], so[ends]
+    width = jnp.maximum(hi_o - lo_o, tiny)
+    bins = jnp.floor((origin - lo_o[seg]) / width[seg] * HIST_BINS)
+    flat = seg * HIST_BINS + jnp.clip(bins, 0, HIST_BINS - 1).astype(jnp.int32)
+    hist = jnp.bincount(flat, length=num * HIST_BINS).reshape(num, HIST_BINS)
+    return {
+        "stats": jnp.stack([describe(origin, so), describe(dequant, sd)], axis=1),
+        "cmp": jnp.stack([clip, cos], axis=1),
+        "hist": hist,
+        "hist_lo": lo_o,
+        "hist_hi": hi_o,
+    }
+
+
+class _Segments:
+    """The static layout of a set of tensors concatenated into one flat buffer."""
+
+    def __init__(self, shapes: dict[_Key, tuple[int, ...]]):
+        self.keys = list(shapes)
+        self.sizes = tuple(max(int(np.prod(shape)), 1) for shape in shapes.values())
+        self.seg = jax.device_put(np.repeat(np.arange(len(self.sizes), dtype=np.int32), self.sizes))
+
+    def run(self, origin: jax.Array, dequant: jax.Array) -> dict[_Key, dict[str, np.ndarray]]:
+        result = jax.device_get(segment_stats(origin, dequant, self.seg, self.sizes))
+        return {
+            key: {name: value[i] for name, value in result.items()}
+            for i, key in enumerate(self.keys)
+        }
+
+
+def _flat(arrays: Sequence[Any]) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(a).astype(jnp.float32) for a in arrays])
 
 
 def _round_program(graph: Graph, matched: list[tuple[Site, SitePlan]]) -> tuple[Any, list[Any]]:
-    """A jitted `(site_args, consts, *flat) -> (output cosines, {key: (origin, dequant)})`:
-    the float and the quantized program side by side, each site's tensors recorded."""
+    """A jitted `(site_args, consts, *flat) -> (output cosines, origin, dequant)`: the float
+    and the quantized program side by side, every site's input and output concatenated."""
     consts = graph.runtime_consts()
 
     def run(site_args: dict[str, Any], const_arrays: list[Any], *flat: Any) -> Any:
@@ -213,18 +245,26 @@ def _round_program(graph: Graph, matched: list[tuple[Site, SitePlan]]) -> tuple[
         y_float = evaluate(graph, env, flat, f_rules)
         y_quant = evaluate(graph, env, flat, q_rules)
         cosines = [cosine_similarity(a, b) for a, b in zip(y_float, y_quant, strict=True)]
-        pairs: dict[_Key, tuple[Any, Any]] = {}
-        for site, _ in matched:
+        origin, dequant = [], []
+        for site, _ in matched:  # the order of `_activation_segments`
             (x, y), (xd, yd) = seen_float[site.name], seen_quant[site.name]
-            pairs[(site.name, "in")] = (x, xd)
-            pairs[(site.name, "out")] = (y, yd)
-        return cosines, pairs
+            origin += [x, y]
+            dequant += [xd, yd]
+        return cosines, _flat(origin), _flat(dequant)
 
     return jax.jit(run), [np.asarray(v.const) for v in consts]
 
 
 def _bind(rule: Any, sp: SitePlan) -> Any:
     return lambda site, vals: rule(sp, site, vals)
+
+
+def _activation_segments(matched: list[tuple[Site, SitePlan]]) -> _Segments:
+    shapes: dict[_Key, tuple[int, ...]] = {}
+    for site, _ in matched:
+        shapes[(site.name, "in")] = tuple(site.activation.aval.shape)
+        shapes[(site.name, "out")] = tuple(site.node.outputs[0].aval.shape)
+    return _Segments(shapes)
 
 
 # --- names ----------------------------------------------------------------------------------
@@ -360,20 +400,25 @@ def write_debug_report(
     site_args = qfn.site_args()
     consts = jax.device_put(const_arrays)
 
-    weights = {}
+    weights, weights_dq = [], []
     for site, sp in matched:
         w = site.weight.astype(np.float32)
         wd = dequantized_weight(sp)
-        weights[(site.name, "weight")] = (w, w if wd is None else wd)
-    weight_stats = _group_stats(weights)
+        weights.append(w)
+        weights_dq.append(w if wd is None else wd)
+    weight_segments = _Segments(
+        {(s.name, "weight"): w.shape for (s, _), w in zip(matched, weights, strict=True)}
+    )
+    weight_stats = weight_segments.run(_flat(weights), _flat(weights_dq))
+    segments = _activation_segments(matched)
 
     summary_rows: list[list[Any]] = []
     out_names: list[str] = []
     cos_sum = {s.name: 0.0 for s, _ in matched}
     hists: dict[str, list[tuple[np.ndarray, float, float]]] = {s.name: [] for s, _ in matched}
     for rnd, sample in enumerate(samples):
-        cosines, pairs = program(site_args, consts, *sample)
-        stats = _group_stats(pairs) | weight_stats
+        cosines, origin, dequant = program(site_args, consts, *sample)
+        stats = segments.run(origin, dequant) | weight_stats
         out_names = out_names or _output_names(qfn.fn, len(cosines))
         summary_rows += [[rnd, name, float(c)] for name, c in zip(out_names, cosines, strict=True)]
         rows: list[list[Any]] = []
@@ -391,8 +436,8 @@ def write_debug_report(
                     _stat_row([*head, "Dequant", kind], r["stats"][1], r["cmp"][0], r["cmp"][1])
                 )
             cos_sum[site.name] += float(stats[(site.name, "out")]["cmp"][1])
-            counts, lo, hi = stats[(site.name, "in")]["hist"]
-            hists[site.name].append((np.asarray(counts), float(lo), float(hi)))
+            h = stats[(site.name, "in")]
+            hists[site.name].append((h["hist"], float(h["hist_lo"]), float(h["hist_hi"])))
         _atomic_write(folder / f"report_{rnd}.csv", _csv_bytes(REPORT_COLUMNS, rows))
     for stale in folder.glob("report_*.csv"):  # rounds of an earlier, longer run
         index = stale.stem.removeprefix("report_")
@@ -428,18 +473,19 @@ def _merge_histograms(
     return total, edges
 
 
-def _pyplot() -> Any:
+def _figure(width: float, height: float) -> Any:
+    """A bare Agg figure (no pyplot: no global state, no GUI backend, faster import)."""
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
             "the debug report's pictures need matplotlib: `pip install 'jaxptq[plots]'` "
             "(the CSV files were written)."
         ) from None
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot
-
-    return pyplot
+    fig = Figure(figsize=(width, height), dpi=72)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _write_pictures(
@@ -448,26 +494,28 @@ def _write_pictures(
     cosines: dict[str, float],
     hists: dict[str, list[tuple[np.ndarray, float, float]]],
 ) -> None:
-    plt = _pyplot()
     names = [s.name for s, _ in matched]
     values = [cosines[n] for n in names]
     colors = ["tab:blue" if sp.quantized else "tab:gray" for _, sp in matched]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(names) + 2), 4.0))
+    fig = _figure(max(6.0, 0.2 * len(names) + 2), 4.0)
+    ax = fig.subplots()
     ax.bar(range(len(names)), values, color=colors)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("output cosine similarity (mean over rounds)")
     ax.set_ylim(min([*values, 0.9]) - 0.01, 1.001)
     ax.set_title("per-site cosine similarity, quantized vs float (gray: skipped)")
     fig.subplots_adjust(bottom=0.35, left=0.12, right=0.98)
-    _save(plt, fig, folder / "cosine_similarity.png")
+    _save(fig, folder / "cosine_similarity.png")
 
     hist_dir = folder / "histograms"
     hist_dir.mkdir(exist_ok=True)
     for site, sp in matched:
         counts, edges = _merge_histograms(hists[site.name])
-        fig, ax = plt.subplots(figsize=(5.0, 3.0))
-        ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.7)
-        ax.set_yscale("log")
+        fig = _figure(5.0, 3.0)
+        ax = fig.subplots()
+        # log10(1 + count) on a linear axis: log-scaled ticks would need mathtext (slow).
+        ax.stairs(np.log10(1.0 + counts), edges, fill=True, color="tab:blue", alpha=0.7)
+        ax.set_ylabel("log10(1 + count)", fontsize=8)
         clip = _clipping_range(sp, edges)
         if clip is not None:
             for v in clip:
@@ -475,9 +523,9 @@ def _write_pictures(
             ax.set_title(f"{site.name}: input, clip [{clip[0]:.4g}, {clip[1]:.4g}]", fontsize=8)
         else:
             ax.set_title(f"{site.name}: input (stays float)", fontsize=8)
-        ax.set_xlabel("activation value")
+        ax.set_xlabel("activation value", fontsize=8)
         fig.subplots_adjust(bottom=0.18)
-        _save(plt, fig, hist_dir / f"{_safe_name(site.name)}.png")
+        _save(fig, hist_dir / f"{_safe_name(site.name)}.png")
 
 
 def _clipping_range(sp: SitePlan, edges: np.ndarray) -> tuple[float, float] | None:
@@ -493,8 +541,7 @@ def _clipping_range(sp: SitePlan, edges: np.ndarray) -> tuple[float, float] | No
     return -bound, bound
 
 
-def _save(plt: Any, fig: Any, path: pathlib.Path) -> None:
+def _save(fig: Any, path: pathlib.Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
+    fig.savefig(buf, format="png")
     _atomic_write(path, buf.getvalue())

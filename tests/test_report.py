@@ -28,7 +28,7 @@ def _mlp(x):
 def test_tensor_stats_match_numpy():
     x = RNG.standard_normal((3, 5, 7)).astype(np.float32)
     x[0, 0] = 0.0
-    got = np.asarray(jax.jit(report.tensor_stats)(x))
+    got = np.asarray(report.tensor_stats(x))
     flat = x.ravel()
     want = [
         *np.quantile(flat, [0.0, 0.25, 0.5, 0.75, 1.0]),
@@ -49,7 +49,17 @@ def test_cosine_clip_and_mean_bias_follow_mindspore():
     assert float(report.cosine_similarity(zeros, np.ones(4, np.float32))) == 0.0
     assert float(report.cosine_similarity(np.array([np.nan, 1.0]), np.ones(2))) == 0.0
     clipped = np.clip(a, -1.0, 1.0)
-    assert float(report.clip_rate(a, clipped)) == pytest.approx(np.mean(np.abs(a) > 1.0))
+    seg = np.repeat(np.arange(2, dtype=np.int32), [30, 70])
+    got = report.segment_stats(a, clipped, seg, (30, 70))
+    for k, part in enumerate((slice(0, 30), slice(30, 100))):
+        want_clip = np.mean(np.abs(a[part]) > 1.0)
+        assert float(got["cmp"][k, 0]) == pytest.approx(want_clip)
+        x, y = a[part], clipped[part]
+        want_cos = x @ y / np.linalg.norm(x) / np.linalg.norm(y)
+        assert float(got["cmp"][k, 1]) == pytest.approx(want_cos, rel=1e-5)
+        np.testing.assert_allclose(got["stats"][k, 1, :5], np.quantile(y, [0, .25, .5, .75, 1]),
+                                   rtol=1e-6)  # fmt: skip
+        assert int(got["hist"][k].sum()) == x.size
     ref = np.array([1.0, -2.0, 0.0, 4.0, 0.0], np.float32)
     out = np.array([1.0, -2.5, 0.5, 4.0, 1e-6], np.float32)
     # Off elements: -2.5 vs -2 (0.25 relative) and 0.5 vs 0 (0.5 absolute); 1e-6 vs 0 is
