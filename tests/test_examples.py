@@ -24,3 +24,11 @@ def test_example_quantizes_with_small_drop(
     assert result["int8_sites"] == sites
     out = capsys.readouterr().out
     assert "sites quantized" in out and "top-1" in out
+
+
+def test_onnx_classifier_example(shared_data: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
+    main = runpy.run_path(str(EXAMPLES / "onnx_classifier.py"))["main"]
+    result = main(["--calib", "10", "--eval", "20"])
+    assert result["agreement"] >= 90.0
+    assert result["cosine"] >= 0.99
+    assert "agreement" in capsys.readouterr().out
