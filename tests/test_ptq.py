@@ -71,6 +71,29 @@ def test_full_quant_accuracy(full_lenet: Any, lenet: Any, digits_data: Any) -> N
     assert _agreement(full_lenet, lenet, digits_data[2]) >= 98.0
 
 
+@pytest.mark.parametrize("method", ["KL", "REMOVAL_OUTLIER"])
+def test_full_quant_other_calibration_methods(
+    method: str, lenet: Any, calib: Any, digits_data: Any
+) -> None:
+    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "activation_quant_method": method})
+    assert _acc(lenet, digits_data) - _acc(qfn, digits_data) <= 1.0
+
+
+def test_bias_correction_lowers_output_error(lenet: Any, calib: Any, digits_data: Any) -> None:
+    x = digits_data[2]
+    y = np.asarray(lenet(x))
+    errors = {}
+    for bias_correction in (False, True):
+        qfn = jaxptq.ptq(
+            lenet, calib, {"quant_type": "FULL_QUANT", "bias_correction": bias_correction}
+        )
+        errors[bias_correction] = float(np.mean((np.asarray(qfn(x)) - y) ** 2))
+        corrections = [s.bias_correction for s in qfn.plan.sites]
+        assert all((c is not None) == bias_correction for c in corrections)
+        assert all(np.all(np.isfinite(c)) for c in corrections if c is not None)
+    assert errors[True] < errors[False]
+
+
 def test_full_quant_sites_are_int8_in_jaxpr_and_stablehlo(
     full_lenet: Any, digits_data: Any
 ) -> None:
