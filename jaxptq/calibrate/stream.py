@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 # to keep a step's overhead low. Fixed, so results never depend on the caller's batches.
 ROWS_PER_DEVICE = 16
 
+_IN_FLIGHT = 2  # steps queued on the devices at most: overlap without unbounded inputs
+
 Batch = tuple[np.ndarray, ...]
 SiteFn = Callable[..., Mapping[str, jax.Array]]
 
@@ -216,6 +218,11 @@ def run_pass(
             placed = sharding.put_rows(mesh, (valid, *mb.args))
             stats, row_flags = step(stats, *placed)
             flags.append((row_flags, mb.num_valid, mb.batch_index))
+            if len(flags) > _IN_FLIGHT:
+                # Dispatch is asynchronous: unchecked, the loop would queue every
+                # microbatch's inputs ahead of a slow model, and memory would grow with
+                # the calibration set.
+                flags[-1 - _IN_FLIGHT][0].block_until_ready()
             num_rows += mb.num_valid
     finally:
         bar.close()
