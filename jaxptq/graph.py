@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -137,8 +138,18 @@ def _module_name(origin: str) -> str:
     return head or origin
 
 
+_TRANSFORM = re.compile(r"\b(?:vmap|jvp|transpose|pmap|remat|checkpoint)\(([^()]*)\)")
+
+
 def _join(prefix: str, scope: str) -> str:
-    return "/".join(p for p in (prefix, scope) if p)
+    """Joins name stacks, unwrapping transform markers: `vmap(layer)` names `layer`."""
+    while True:
+        unwrapped = _TRANSFORM.sub(r"\1", scope)
+        if unwrapped == scope:
+            break
+        scope = unwrapped
+    parts = [p for p in f"{prefix}/{scope}".split("/") if p]
+    return "/".join(parts)
 
 
 class _Builder:

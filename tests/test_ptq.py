@@ -316,3 +316,15 @@ def test_bad_config_values(keys: dict[str, Any], pattern: str) -> None:
 def test_unknown_skip_node_lists_closest(lenet: Any, calib: Any) -> None:
     with pytest.raises(jaxptq.ConfigError, match=r"`fc_3`.*closest: `fc3`"):
         jaxptq.ptq(lenet, calib, {"quant_type": "WEIGHT_QUANT", "skip_quant_node": ["fc_3"]})
+
+
+def test_site_names_survive_vmap() -> None:
+    w = jnp.ones((3, 2))
+
+    def f(x: jax.Array) -> jax.Array:
+        with jax.named_scope("layer"):
+            return x @ w
+
+    row_wise = jax.vmap(lambda r: f(r[None])[0])
+    qfn = jaxptq.ptq(row_wise, [np.ones((4, 3), np.float32)], {"quant_type": "DYNAMIC_QUANT"})
+    assert [s.name for s in qfn.plan.sites] == ["layer"]
