@@ -31,6 +31,10 @@ class GraphCache:
         self.paths = paths
         self._graphs: dict[tuple[Any, ...], Graph] = {}
 
+    def first(self) -> Graph:
+        """The graph traced first (at the calibration samples' shapes)."""
+        return next(iter(self._graphs.values()))
+
     def get(self, args: tuple[Any, ...]) -> Graph:
         flat, tree = jax.tree_util.tree_flatten(args)
         key = _shape_key(flat, tree)
@@ -74,7 +78,7 @@ class QuantizedFunction:
     def site_args(self) -> dict[str, dict[str, Any]]:
         """Every quantized site's runtime arrays (integer weights, scales), on device."""
         if self._site_args is None:
-            graph = next(iter(self._graphs._graphs.values()))
+            graph = self._graphs.first()
             out = {}
             for site, sp in self._matched_sites(graph):
                 if sp.quantized:
