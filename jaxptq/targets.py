@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxptq.graph import Site
+from jaxptq.layout import site_layout
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetProfile:
@@ -24,6 +27,23 @@ class TargetProfile:
     act_symmetric: bool  # activation zero point fixed at 0
     per_channel_weights: bool = True
     bias_int32: bool = True
+
+    def cannot_express(self, site: Site, per_channel: bool) -> str | None:
+        """Why this target's integer kernels cannot run `site`, or None.
+
+        Per-channel weight scales must vary along one axis: ONNX DequantizeLinear, QLinearConv
+        and TensorRT take one `axis`, so e.g. a (D, heads, head_dim) kernel is left float.
+        """
+        try:
+            axes = site_layout(site).weight_channel_axes
+        except NotImplementedError as err:
+            return f"not supported: {err}"
+        if per_channel and self.per_channel_weights and len(axes) > 1:
+            return (
+                f"target {self.name} takes per-channel weight scales along one axis; this "
+                f"weight keeps axes {axes} (reshape it to 2-D or set per_channel=false)"
+            )
+        return None
 
 
 TARGETS: dict[str | None, TargetProfile] = {

@@ -259,3 +259,34 @@ def test_bad_arguments_are_named(convnet, lenet_full, tmp_path):
     # An asymmetric plan cannot be exported for a target with symmetric activations.
     with pytest.raises(ValueError, match="NVGPU"):
         export_onnx(lenet_full[None], tmp_path / "a.onnx", target="NVGPU")
+
+
+class _Heads(nnx.Module):
+    """A (D, heads, head_dim) kernel: per-channel scales would vary along two axes."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.proj = nnx.LinearGeneral(16, (4, 8), rngs=rngs)
+        self.head = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(jax.nn.relu(self.proj(x)).reshape(x.shape[0], -1))
+
+
+def test_target_skips_what_it_cannot_express(tmp_path):
+    model = _Heads(rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    samples = [rng.normal(size=(8, 16)).astype(np.float32) for _ in range(2)]
+    generic = ptq(model, samples, {"quant_type": "FULL_QUANT"})
+    assert all(sp.quantized for sp in generic.plan.sites)
+    qfn = ptq(model, samples, {"quant_type": "FULL_QUANT", "target_device": "DSP"})
+    proj, head = qfn.plan.sites
+    assert not proj.quantized and "along one axis" in str(proj.skip_reason)
+    assert head.quantized
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    path = export_onnx(qfn, tmp_path / "heads.onnx", x)
+    check_agreement(qfn(x), ort_run(path, x))
+    # The skipped site stays a float contraction; the other is quantized for DSP (uint8).
+    counts = ops(path)
+    assert counts["Einsum"] == 1 and counts["MatMul"] == 1 and counts["QuantizeLinear"] == 1
+    zps = [t for t in onnx.load(str(path)).graph.initializer if t.name.endswith("x_zero_point")]
+    assert [t.data_type for t in zps] == [TensorProto.UINT8]

@@ -67,12 +67,13 @@ def _first_graph(qfn: QuantizedFunction) -> Any:
 def _onnx_refs(qfn: QuantizedFunction, model: onnx.ModelProto) -> dict[str, SiteRef]:
     """Matches each site of an imported model to its Conv/Gemm/MatMul node by name."""
     graph = _first_graph(qfn)
-    nodes = {node_name(n, i): n for i, n in enumerate(model.graph.node)}
+    # Name stacks drop empty parts, so node `/block/Conv` names site `block/Conv`.
+    nodes = {_scope(node_name(n, i)): n for i, n in enumerate(model.graph.node)}
     refs: dict[str, SiteRef] = {}
     for site, plan in zip(graph.sites, qfn.plan.sites, strict=True):
         if not plan.quantized:
             continue
-        node = nodes.get(site.name)
+        node = nodes.get(_scope(site.name))
         if node is None:
             raise NotImplementedError(
                 f"site `{site.name}` matches no ONNX node by name (a node that produced "
@@ -80,6 +81,10 @@ def _onnx_refs(qfn: QuantizedFunction, model: onnx.ModelProto) -> dict[str, Site
             )
         refs[node.name] = _node_ref(node, site, plan)
     return refs
+
+
+def _scope(name: str) -> str:
+    return "/".join(p for p in name.split("/") if p)
 
 
 def _node_ref(node: onnx.NodeProto, site: Any, plan: Any) -> SiteRef:

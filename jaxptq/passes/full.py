@@ -46,6 +46,11 @@ def plan_full_quant(
 
     full = config.full_quant_param
     reasons = {s.name: skip_reason(s, config, size_rules=False) for s in sites}
+    if full.target_device is not None:  # what the named target's integer kernels cannot take
+        for s in sites:
+            reasons[s.name] = reasons[s.name] or TARGETS[full.target_device].cannot_express(
+                s, full.per_channel
+            )
     eligible = [s.name for s in sites if reasons[s.name] is None]
     per_row = not takes_any_batch(graphs, in_tree, samples[0])
     result = calibrate(
