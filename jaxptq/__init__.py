@@ -6,6 +6,9 @@ from jaxptq.api import apply_plan as apply_plan
 from jaxptq.api import ptq as ptq
 from jaxptq.config import ConfigError as ConfigError
 from jaxptq.config import QuantConfig as QuantConfig
+from jaxptq.export import export_onnx as export_onnx
+from jaxptq.export import export_stablehlo as export_stablehlo
+from jaxptq.export import load_stablehlo as load_stablehlo
 from jaxptq.importers.onnx import import_onnx as import_onnx
 from jaxptq.kvcache import FloatKVCache as FloatKVCache
 from jaxptq.kvcache import QuantKVCache as QuantKVCache
@@ -24,8 +27,11 @@ __all__ = [
     "QuantizedFunction",
     "SitePlan",
     "apply_plan",
+    "export_onnx",
+    "export_stablehlo",
     "import_onnx",
     "kv_cache_from_config",
+    "load_stablehlo",
     "ptq",
     "ptq_with_accuracy_control",
 ]

@@ -57,16 +57,9 @@ def source_path(fn: Any) -> pathlib.Path | None:
     return None
 
 
-def _first_graph(qfn: QuantizedFunction) -> Any:
-    graphs = getattr(qfn._graphs, "_graphs", {})
-    if not graphs:
-        raise ValueError("`qfn` has no traced graph yet; call it once on an example input.")
-    return next(iter(graphs.values()))
-
-
 def _onnx_refs(qfn: QuantizedFunction, model: onnx.ModelProto) -> dict[str, SiteRef]:
     """Matches each site of an imported model to its Conv/Gemm/MatMul node by name."""
-    graph = _first_graph(qfn)
+    graph = qfn._graphs.first()
     # Name stacks drop empty parts, so node `/block/Conv` names site `block/Conv`.
     nodes = {_scope(node_name(n, i)): n for i, n in enumerate(model.graph.node)}
     refs: dict[str, SiteRef] = {}

@@ -338,13 +338,7 @@ def translate(
     qfn: QuantizedFunction, example_args: tuple[Any, ...]
 ) -> tuple[onnx.ModelProto, dict[str, SiteRef]]:
     """The float ONNX model of `qfn`'s traced graph, and where each quantized site went."""
-    if example_args:
-        graph = qfn._graphs.get(example_args)
-    else:
-        graphs = list(getattr(qfn._graphs, "_graphs", {}).values())
-        if not graphs:
-            raise ValueError("pass example inputs: `qfn` was never traced.")
-        graph = graphs[0]
+    graph = qfn._graphs.get(example_args) if example_args else qfn._graphs.first()
     plans = {sp.name: sp for sp in qfn.plan.sites}
     sites = {id(s.node): s for s in graph.sites if plans[s.name].quantized}
     ctx = _Ctx(graph, GraphBuilder(), {}, [], sites, {}, plans)
