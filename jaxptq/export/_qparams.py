@@ -40,10 +40,15 @@ def act_quant(plan: SitePlan, target: TargetProfile) -> ActQuant:
     target wants unsigned activations (same scale, zero point + 128, same rounding)."""
     if plan.act_scale is None or plan.act_zero_point is None:
         raise ValueError(f"site `{plan.name}` has no static activation scale to export")
-    zp = int(plan.act_zero_point)
+    return act_quant_from(plan.act_scale, plan.act_zero_point, target)
+
+
+def act_quant_from(scale: float, zero_point: int, target: TargetProfile) -> ActQuant:
+    """An int8-domain (scale, zero point) in the target's activation type."""
+    zp = int(zero_point)
     if target.act_unsigned:
-        return ActQuant(np.float32(plan.act_scale), np.array(zp + 128, np.uint8))
-    return ActQuant(np.float32(plan.act_scale), np.array(zp, np.int8))
+        return ActQuant(np.float32(scale), np.array(zp + 128, np.uint8))
+    return ActQuant(np.float32(scale), np.array(zp, np.int8))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,8 @@ class _Ctx:
     opset: int
     # tensor -> (quantized tensor, scale, zero point, parameters): for QOperator chains.
     quantized: dict[str, tuple[str, str, str, ActQuant]] = dataclasses.field(default_factory=dict)
+    # Tensors quantized for the runtime's sake (`fuse_outputs`), with calibrated parameters.
+    extra: Mapping[str, ActQuant] = dataclasses.field(default_factory=dict)
 
 
 def node_name(node: onnx.NodeProto, index: int) -> str:
@@ -139,6 +141,13 @@ def output_quant(ctx: _Ctx, tensor: str) -> tuple[ActQuant, str | None] | None:
     if bounds[0] <= lo_f + 0.49 * s and bounds[1] >= hi_f - 0.49 * s:
         return aq, clipped
     return None
+
+
+def _output_quant_or_extra(ctx: _Ctx, tensor: str) -> tuple[ActQuant, str | None] | None:
+    found = output_quant(ctx, tensor)
+    if found is None and tensor in ctx.extra:
+        return ctx.extra[tensor], None
+    return found
 
 
 def _bias_value(ctx: _Ctx, node: onnx.NodeProto, index: int) -> np.ndarray | None:
@@ -337,7 +346,7 @@ def _qdq_site(ctx: _Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: li
     node.input[ref.weight_input] = b.dequantize_const(f"{plan.name}_W", q, w_scale, axis, pre)
     _fold_bias(ctx, node, ref, channels, int32_scale, pre, post)
     if plan.act_mode == "static":
-        found = output_quant(ctx, post[-1].output[0] if post else node.output[0])
+        found = _output_quant_or_extra(ctx, post[-1].output[0] if post else node.output[0])
         if found is not None:
             _quantize_output(ctx, post[-1] if post else node, found[0], post)
 
@@ -390,7 +399,7 @@ def _qop_site(ctx: _Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: li
     else:
         return _qdq_site(ctx, node, ref, pre, post)
     wq = b.const(f"{plan.name}_W_quantized", q)
-    found = output_quant(ctx, node.output[0]) if aq is not None else None
+    found = _output_quant_or_extra(ctx, node.output[0]) if aq is not None else None
     fused = found is not None and (
         op == "Conv"
         or (op == "MatMul" and ref.weight_input == 1 and plan.bias_correction is None)
@@ -485,33 +494,76 @@ SiteRule = Callable[[_Ctx, onnx.NodeProto, SiteRef, list, list], None]
 _FORMS: dict[str, SiteRule] = {"qdq": _qdq_site, "qoperator": _qop_site}
 
 
-def quantize_graph(
-    model: onnx.ModelProto, refs: Mapping[str, SiteRef], target: TargetProfile, form: str
-) -> onnx.ModelProto:
-    """Rewrites `model` (a copy is made) with every quantized site of `refs` inserted.
-
-    `refs` maps ONNX node names to the sites they compute; nodes are visited in graph
-    order, and each site's rule emits the nodes before and after it.
-    """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
+def _context(
+    model: onnx.ModelProto,
+    refs: Mapping[str, SiteRef],
+    target: TargetProfile,
+    form: str,
+    extra: Mapping[str, ActQuant] | None = None,
+) -> _Ctx:
+    graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for x in n.input:
             consumers.setdefault(x, []).append(n)
-    opset = max(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
-    ctx = _Ctx(out, refs, target, form, GraphBuilder.for_graph(graph), _constants(graph),
-               consumers, {o.name for o in graph.output}, opset)
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return _Ctx(model, refs, target, form, GraphBuilder.for_graph(graph), _constants(graph),
+                consumers, {o.name for o in graph.output}, opset, extra=dict(extra or {}))
+
+
+def fusable_outputs(
+    model: onnx.ModelProto, refs: Mapping[str, SiteRef], target: TargetProfile
+) -> list[str]:
+    """Float tensors that, once quantized, let a runtime run every static site and residual
+    Add in integers: site outputs no later site quantizes, and Adds of such tensors."""
+    ctx = _context(model, refs, target, "qdq")
+    quantized: set[str] = set()
+    wanted: list[str] = []
+    for node in model.graph.node:
+        ref = refs.get(node.name)
+        if ref is not None and ref.plan.quantized and ref.plan.act_mode == "static":
+            y = node.output[0]
+            found = output_quant(ctx, y)
+            if found is None and y not in ctx.outputs:
+                wanted.append(y)
+            quantized.update(t for t in (y, found[1] if found else None) if t)
+        elif node.op_type == "Add" and all(x in quantized for x in node.input):
+            if node.output[0] not in ctx.outputs:
+                wanted.append(node.output[0])
+                quantized.add(node.output[0])
+    return wanted
+
+
+def quantize_graph(
+    model: onnx.ModelProto,
+    refs: Mapping[str, SiteRef],
+    target: TargetProfile,
+    form: str,
+    extra: Mapping[str, ActQuant] | None = None,
+) -> onnx.ModelProto:
+    """Rewrites `model` (a copy is made) with every quantized site of `refs` inserted.
+
+    `refs` maps ONNX node names to the sites they compute; nodes are visited in graph
+    order, and each site's rule emits the nodes before and after it. `extra` quantizes more
+    tensors (Q -> DQ after their producer), as `fusable_outputs` suggests.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    ctx = _context(out, refs, target, form, extra)
     rule = _FORMS[form]
     nodes: list[onnx.NodeProto] = []
     for node in list(graph.node):
         ref = refs.get(node.name)
         if ref is None or not ref.plan.quantized:
             nodes.append(node)
+            if node.output and node.output[0] in ctx.extra:
+                post: list[onnx.NodeProto] = []
+                _quantize_output(ctx, node, ctx.extra[node.output[0]], post)
+                nodes.extend(post)
             continue
         pre: list[onnx.NodeProto] = []
-        post: list[onnx.NodeProto] = []
+        post = []
         try:
             rule(ctx, node, ref, pre, post)
         except (NotImplementedError, ValueError) as err:

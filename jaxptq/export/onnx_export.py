@@ -6,12 +6,13 @@ import logging
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 import onnx
 
 from jaxptq.export._qparams import weight_storage
-from jaxptq.export._rewrite_onnx import SiteRef, node_name, quantize_graph
+from jaxptq.export._rewrite_onnx import SiteRef, fusable_outputs, node_name, quantize_graph
 from jaxptq.rewrite import QuantizedFunction
 from jaxptq.targets import TARGETS, TargetProfile
 
@@ -124,7 +125,11 @@ def _with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def build_model(
-    qfn: QuantizedFunction, target: TargetProfile, form: str, example_args: tuple = ()
+    qfn: QuantizedFunction,
+    target: TargetProfile,
+    form: str,
+    example_args: tuple = (),
+    fuse_calib: Iterable[Any] | None = None,
 ) -> onnx.ModelProto:
     """The quantized ONNX model of `qfn`, in memory."""
     model = getattr(qfn.fn, "model", None)
@@ -136,7 +141,13 @@ def build_model(
 
         source, refs = translate(qfn, example_args)
         source = _with_opset(source, _needed_opset(qfn))
-    return quantize_graph(source, refs, target, form)
+    extra = None
+    if fuse_calib is not None:
+        from jaxptq.export._fuse import calibrate_tensors
+
+        extra = calibrate_tensors(source, fusable_outputs(source, refs, target), fuse_calib,
+                                  target)
+    return quantize_graph(source, refs, target, form, extra)
 
 
 def _write_atomically(model: onnx.ModelProto, path: pathlib.Path) -> None:
@@ -156,6 +167,7 @@ def export_onnx(
     *example_args: Any,
     target: str | None = None,
     form: str = "qdq",
+    fuse_calib: Iterable[Any] | None = None,
 ) -> pathlib.Path:
     """Writes the quantized function as an ONNX model.
 
@@ -171,6 +183,10 @@ def export_onnx(
             plan's `target_device`.
         form: `"qdq"` (QuantizeLinear/DequantizeLinear around float ops) or `"qoperator"`
             (QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger).
+        fuse_calib: calibration samples (as given to `ptq`). When set, the outputs of
+            sites that no later site quantizes, and residual Adds of them, are quantized
+            too, with ranges measured on the float model, so that onnxruntime runs every
+            convolution and Add in integers (faster; rounds where the JAX program does not).
 
     Returns:
         The path written.
@@ -190,7 +206,7 @@ def export_onnx(
             f"refusing to write the quantized model over its source model `{src}`; "
             "choose another `path`."
         )
-    model = build_model(qfn, profile, form, example_args)
+    model = build_model(qfn, profile, form, example_args, fuse_calib)
     onnx.checker.check_model(model, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(model, out)
