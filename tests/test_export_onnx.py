@@ -325,3 +325,28 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
         "session.qdq_matmulnbits_accuracy_level": "0"}) for i in range(4)])
     want4 = np.concatenate([np.asarray(qfn4(xe[i : i + 1])) for i in range(4)])
     check_agreement(want4, got4, cos_min=0.9999, top1=1.0)
+
+
+def _runtime_ops(path: pathlib.Path, tmp_path: pathlib.Path) -> Counter:
+    """The op types onnxruntime runs after its (hardware-independent) graph fusions."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ops(tmp_path / "optimized.onnx")
+
+
+def test_fuse_calib_lets_onnxruntime_run_every_conv_in_integers(convnet, tmp_path):
+    src, qfn, x = convnet
+    plain = export_onnx(qfn, tmp_path / "plain.onnx")
+    before = _runtime_ops(plain, tmp_path)
+    # conv_b's output only reaches GlobalAveragePool: without its range it stays float.
+    assert before["QLinearConv"] == 1 and before["Conv"] + before["FusedConv"] == 1
+    rng = np.random.default_rng(2)
+    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    fused = export_onnx(qfn, tmp_path / "fused.onnx", fuse_calib=samples)
+    after = _runtime_ops(fused, tmp_path)
+    assert after["QLinearConv"] == 2 and after["Conv"] + after["FusedConv"] == 0
+    # One more rounding than the JAX program: close, not identical.
+    check_agreement(qfn(x), ort_run(fused, x), cos_min=0.999, top1=0.95)
