@@ -59,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Import an ONNX model, read calibration data per [data_preprocess_param], "
             "calibrate and quantize per the config, and write the result to --output: the "
-            "plan (plan/), ONNX (model.onnx) for the config's target_device, StableHLO "
-            "(model.stablehlo.mlir) for CPU/NVGPU, the config used (config.cfg) and a "
-            "summary (summary.json)."
+            "plan (plan/), ONNX (model.onnx) for the config's target_device, the XLA "
+            "program (model.stablehlo.npz) for CPU/NVGPU, the config used (config.cfg) and "
+            "a summary (summary.json)."
         ),
     )
     conv.add_argument("--model", required=True, help="the float ONNX model file")
@@ -303,31 +303,43 @@ def _compare(fn: Any, qfn: Any, samples: Sequence[tuple[Any, ...]]) -> dict[str,
 # --- convert -----------------------------------------------------------------------------------
 
 
-def _export(qfn: Any, sample: tuple[Any, ...], folder: pathlib.Path, form: str) -> list[str]:
-    """Writes the deployable artifacts for the plan's target; returns what was written."""
+def _exporter(name: str) -> Any:
+    """`jaxptq.<name>`, or `jaxptq.export.<name>` before it is re-exported; None if absent."""
     import jaxptq
 
-    target = qfn.plan.config.full_quant_param.target_device
-    written = []
-    export_onnx = getattr(jaxptq, "export_onnx", None)
-    if export_onnx is None:
+    found = getattr(jaxptq, name, None)
+    if found is None:
         try:
-            from jaxptq.export import export_onnx
-        except ImportError:  # TODO(lead): drop once jaxptq.export_onnx is always present
-            export_onnx = None
+            from jaxptq import export
+        except ImportError:
+            return None
+        found = getattr(export, name, None)
+    return found
+
+
+def _export(qfn: Any, sample: tuple[Any, ...], folder: pathlib.Path, form: str) -> list[str]:
+    """Writes the deployable artifacts for the plan's target; returns what was written.
+
+    ONNX (QDQ or QOperator, following the target profile) for every target; for CPU and
+    NVGPU (and no target) also the XLA program: a serialized `jax.export` module
+    (`model.stablehlo.npz`, `jaxptq.load_stablehlo` runs it), or its StableHLO text when
+    `export_stablehlo` is not available.
+    """
+    written = []
+    export_onnx = _exporter("export_onnx")
     if export_onnx is not None:
         export_onnx(qfn, folder / "model.onnx", *sample, form=form)
         written.append("model.onnx")
     else:
         logger.warning("ONNX export is not available in this jaxptq; wrote the plan only")
-    if target in (None, "CPU", "NVGPU"):
-        export_stablehlo = getattr(jaxptq, "export_stablehlo", None)
-        path = folder / "model.stablehlo.mlir"
+    if qfn.plan.config.full_quant_param.target_device in (None, "CPU", "NVGPU"):
+        export_stablehlo = _exporter("export_stablehlo")
         if export_stablehlo is not None:
-            export_stablehlo(qfn, path, *sample)
-        else:  # TODO(lead): switch to jaxptq.export_stablehlo when it lands
-            path.write_text(qfn.lower(*sample).as_text())
-        written.append(path.name)
+            export_stablehlo(qfn, folder / "model.stablehlo.npz", *sample)
+            written.append("model.stablehlo.npz")
+        else:
+            (folder / "model.stablehlo.mlir").write_text(qfn.lower(*sample).as_text())
+            written.append("model.stablehlo.mlir")
     return written
 
 

@@ -495,6 +495,7 @@ def write_config(config: QuantConfig, path: str | os.PathLike[str]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a config file is for everyone to read
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

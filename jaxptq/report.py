@@ -8,7 +8,8 @@ float model (`Origin`) and once as the quantized model sees them (`Dequant`: the
 integer values mapped back to float, with the error of every earlier site included).
 Column meanings follow MindSpore Lite's `statistic_utils.h`:
 
-- Min, Q1, Median, Q3, MAX: quantiles with linear interpolation between sorted values.
+- Min, Q1, Median, Q3, MAX: quantiles with linear interpolation between sorted values
+  (Q1/Median/Q3 located by a two-level histogram, see `_describe`).
 - Mean; Var: the *standard deviation* `sqrt(mean((x - mean)^2))`, as MindSpore computes it.
 - Sparsity: the fraction of elements exactly 0.
 - Clip: the fraction of `Origin` elements outside the `[min, max]` of the `Dequant`
@@ -17,7 +18,7 @@ Column meanings follow MindSpore Lite's `statistic_utils.h`:
   0 when only one is, 0 on NaN/Inf).
 
 Per round, one jitted program runs both models and concatenates every site's tensors,
-and one more computes all their statistics at once (a sort keyed by tensor, segment sums):
+and one more computes all their statistics at once (segment sums and histograms):
 two compiles per model whatever its number of sites, and only scalars and small
 histograms reach the host.
 """
@@ -38,7 +39,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxptq import kernels
 from jaxptq.graph import Graph, Site, evaluate
@@ -128,8 +128,78 @@ def dequantized_weight(plan: SitePlan) -> np.ndarray | None:
 _Key = tuple[str, str]  # (site name, "in" / "out" / "weight")
 
 
-def _sorted_by_segment(seg: jax.Array, x: jax.Array) -> jax.Array:
-    return lax.sort((seg, x), num_keys=2)[1]
+_BINS = 2048  # bins per level of the quantile search: 2048 x 2048 cells per tensor range
+
+
+def _describe(x: jax.Array, seg: jax.Array, sizes: tuple[int, ...]) -> dict[str, jax.Array]:
+    """MindSpore's statistics of each segment of `x`, without sorting.
+
+    XLA's CPU sort of millions of values is many times slower than a histogram, so the
+    quartiles are located in two histogram levels (2048 bins of the segment's range, then
+    2048 sub-bins of the bin holding the wanted rank) and interpolated inside the sub-bin:
+    within `(max - min) / 4194304` of the sorted-value quantile. Ranks that fall on the
+    segment's exact zeros, minimum or maximum (ReLU outputs, clipped or padded inputs) get
+    that value exactly. Min, MAX, Mean, Var (the standard deviation, as MindSpore
+    computes it) and Sparsity are exact.
+    """
+    num = len(sizes)
+    counts = np.asarray(sizes, np.int64)
+    n = counts.astype(np.float32)
+    rows = np.arange(num)
+    lo = jax.ops.segment_min(x, seg, num, indices_are_sorted=True)
+    hi = jax.ops.segment_max(x, seg, num, indices_are_sorted=True)
+    indicators = [x, x == 0, x < 0, x == lo[seg], x == hi[seg]]
+    sums = _segsum(jnp.stack([v.astype(jnp.float32) for v in indicators], axis=1), seg, num)
+    mean, zeros, negative, at_lo, at_hi = (sums[:, i] for i in range(5))
+    mean = mean / n
+    std = jnp.sqrt(_segsum(jnp.square(x - mean[seg]), seg, num) / n)
+    width = jnp.maximum(hi - lo, jnp.finfo(jnp.float32).tiny) / _BINS
+    bins = jnp.clip(jnp.floor((x - lo[seg]) / width[seg]), 0, _BINS - 1).astype(jnp.int32)
+    hist = jnp.bincount(seg * _BINS + bins, length=num * _BINS).reshape(num, _BINS)
+    cum = jnp.cumsum(hist, axis=1)
+
+    def at_rank(rank: np.ndarray) -> jax.Array:
+        """The value of 0-based `rank` in each sorted segment, to `range / 2048**2`."""
+        target = jnp.minimum(jnp.sum(cum <= rank[:, None], axis=1), _BINS - 1)
+        before = jnp.where(target > 0, cum[rows, jnp.maximum(target - 1, 0)], 0)
+        lo2 = lo + target * width
+        width2 = width / _BINS
+        sub = jnp.clip(jnp.floor((x - lo2[seg]) / width2[seg]), 0, _BINS - 1).astype(jnp.int32)
+        index = jnp.where(bins == target[seg], seg * _BINS + sub, num * _BINS)
+        hist2 = jnp.bincount(index, length=num * _BINS + 1)[:-1].reshape(num, _BINS)
+        cum2 = jnp.cumsum(hist2, axis=1)
+        rank2 = rank - before
+        target2 = jnp.minimum(jnp.sum(cum2 <= rank2[:, None], axis=1), _BINS - 1)
+        before2 = jnp.where(target2 > 0, cum2[rows, jnp.maximum(target2 - 1, 0)], 0)
+        count2 = jnp.maximum(hist2[rows, target2], 1)
+        # The sub-bin's elements taken as evenly spread over it.
+        offset = ((rank2 - before2).astype(jnp.float32) + 0.5) / count2.astype(jnp.float32)
+        v = jnp.clip(lo2 + (target2 + jnp.minimum(offset, 1.0)) * width2, lo, hi)
+        v = jnp.where(rank < at_lo, lo, v)
+        v = jnp.where(rank >= n - at_hi, hi, v)
+        return jnp.where((rank >= negative) & (rank < negative + zeros), 0.0, v)
+
+    def quantile(p: float) -> jax.Array:
+        pos = (counts - 1) * p
+        k = np.floor(pos).astype(np.int64)
+        frac = (pos - k).astype(np.float32)
+        below = at_rank(k)
+        if not frac.any():
+            return below
+        return below * (1 - frac) + at_rank(np.minimum(k + 1, counts - 1)) * frac
+
+    sparsity = zeros / n
+    quartiles = [quantile(p) for p in (0.25, 0.5, 0.75)]
+    return {
+        "stats": jnp.stack([lo, *quartiles, hi, mean, std, sparsity], axis=1),
+        "hist": hist.reshape(num, HIST_BINS, _BINS // HIST_BINS).sum(axis=2),
+        "lo": lo,
+        "hi": hi,
+    }
+
+
+def _segsum(v: jax.Array, seg: jax.Array, num: int) -> jax.Array:
+    return jax.ops.segment_sum(v, seg, num, indices_are_sorted=True)
 
 
 @functools.partial(jax.jit, static_argnames=("sizes",))
@@ -146,53 +216,29 @@ def segment_stats(
 
     Returns:
         `stats` `(S, 2, 8)`: `[min, q1, median, q3, max, mean, std, sparsity]` of origin and
-        dequant; `cmp` `(S, 2)`: clip rate and cosine similarity; `hist` `(S, HIST_BINS)`
-        with `hist_lo`, `hist_hi` `(S,)`: a histogram of each origin tensor.
+        dequant (see `_describe`); `cmp` `(S, 2)`: clip rate and cosine similarity;
+        `hist` `(S, HIST_BINS)` with `hist_lo`, `hist_hi` `(S,)`: each origin's histogram.
     """
     num = len(sizes)
-    counts = np.asarray(sizes, np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    ends = starts + counts - 1
-    n = counts.astype(np.float32)
-
-    def segsum(v: jax.Array) -> jax.Array:
-        return jax.ops.segment_sum(v, seg, num, indices_are_sorted=True)
-
-    def describe(x: jax.Array, s: jax.Array) -> jax.Array:
-        def quantile(p: float) -> jax.Array:  # linear interpolation, positions are static
-            pos = (counts - 1) * p
-            lo, hi = np.floor(pos).astype(np.int64), np.ceil(pos).astype(np.int64)
-            h = (pos - lo).astype(np.float32)
-            return s[starts + lo] * (1.0 - h) + s[starts + hi] * h
-
-        mean = segsum(x) / n
-        std = jnp.sqrt(segsum(jnp.square(x - mean[seg])) / n)
-        sparsity = segsum((x == 0).astype(jnp.float32)) / n
-        quantiles = [quantile(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
-        return jnp.stack([*quantiles, mean, std, sparsity], axis=1)
-
+    n = np.asarray(sizes, np.float32)
     origin = origin.astype(jnp.float32)
     dequant = dequant.astype(jnp.float32)
-    so, sd = _sorted_by_segment(seg, origin), _sorted_by_segment(seg, dequant)
-    lo_d, hi_d = sd[starts], sd[ends]
-    clip = segsum(((origin > hi_d[seg]) | (origin < lo_d[seg])).astype(jnp.float32)) / n
-    dot, sa, sb = segsum(origin * dequant), segsum(origin * origin), segsum(dequant * dequant)
+    o, d = _describe(origin, seg, sizes), _describe(dequant, seg, sizes)
+    outside = (origin > d["hi"][seg]) | (origin < d["lo"][seg])
+    nonfinite = ~(jnp.isfinite(origin) & jnp.isfinite(dequant))
+    columns = [outside, origin * dequant, origin * origin, dequant * dequant, nonfinite]
+    sums = _segsum(jnp.stack([c.astype(jnp.float32) for c in columns], axis=1), seg, num)
+    clip, dot, sa, sb, bad = (sums[:, i] for i in range(5))
     tiny = jnp.finfo(jnp.float32).tiny
     cos = dot / jnp.maximum(jnp.sqrt(sa) * jnp.sqrt(sb), tiny)
     cos = jnp.where((sa < tiny) & (sb < tiny), 1.0, jnp.where(sa * sb < tiny, 0.0, cos))
-    finite = segsum((~(jnp.isfinite(origin) & jnp.isfinite(dequant))).astype(jnp.float32)) == 0
-    cos = jnp.where(finite, jnp.clip(cos, -1.0, 1.0), 0.0)
-    lo_o, hi_o = so[starts], so[ends]
-    width = jnp.maximum(hi_o - lo_o, tiny)
-    bins = jnp.floor((origin - lo_o[seg]) / width[seg] * HIST_BINS)
-    flat = seg * HIST_BINS + jnp.clip(bins, 0, HIST_BINS - 1).astype(jnp.int32)
-    hist = jnp.bincount(flat, length=num * HIST_BINS).reshape(num, HIST_BINS)
+    cos = jnp.where(bad == 0, jnp.clip(cos, -1.0, 1.0), 0.0)
     return {
-        "stats": jnp.stack([describe(origin, so), describe(dequant, sd)], axis=1),
-        "cmp": jnp.stack([clip, cos], axis=1),
-        "hist": hist,
-        "hist_lo": lo_o,
-        "hist_hi": hi_o,
+        "stats": jnp.stack([o["stats"], d["stats"]], axis=1),
+        "cmp": jnp.stack([clip / n, cos], axis=1),
+        "hist": o["hist"],
+        "hist_lo": o["lo"],
+        "hist_hi": o["hi"],
     }
 
 
@@ -298,6 +344,7 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -375,7 +422,8 @@ def write_debug_report(
 
     Args:
         qfn: the quantized function; its plan's config names the folder.
-        samples: the calibration samples as flat tuples of host arrays; one round each.
+        samples: the calibration samples as flat tuples of host arrays; one round each
+            for FULL_QUANT, only the first for the other modes (as MindSpore does).
         in_tree: the pytree structure of one sample's arguments.
         calibration: the calibration result (unused: the plan holds the chosen ranges).
 
@@ -416,6 +464,10 @@ def write_debug_report(
     out_names: list[str] = []
     cos_sum = {s.name: 0.0 for s, _ in matched}
     hists: dict[str, list[tuple[np.ndarray, float, float]]] = {s.name: [] for s, _ in matched}
+    # MindSpore writes one round per calibration sample for full quantization, and one
+    # report for weight quantization.
+    if qfn.plan.quant_type != "FULL_QUANT":
+        samples = samples[:1]
     for rnd, sample in enumerate(samples):
         cosines, origin, dequant = program(site_args, consts, *sample)
         stats = segments.run(origin, dequant) | weight_stats

@@ -86,7 +86,7 @@ def test_convert_dynamic_writes_outputs_and_summary(converted):
     for name in summary["files"]:
         assert (converted / name.rstrip("/")).exists()
     assert (converted / "plan" / "plan.json").is_file()
-    assert "stablehlo" in (converted / "model.stablehlo.mlir").read_text()[:2000]
+    assert len(list(converted.glob("model.stablehlo.*"))) == 1
 
 
 def test_convert_full_quant_with_debug_report(mnist, tmp_path, capsys):
@@ -309,7 +309,7 @@ def test_efficientnet_full_quant_cli_end_to_end(shared_data, tmp_path):
     assert summary["weight_bytes_after"] < 0.3 * summary["weight_bytes_before"]
     assert summary["cosine_mean"] > 0.95
     assert "sites quantized" in proc.stdout and "output cosine similarity" in proc.stdout
-    assert (out / "model.onnx").is_file() and (out / "model.stablehlo.mlir").is_file()
+    assert (out / "model.onnx").is_file() and len(list(out.glob("model.stablehlo.*"))) == 1
 
     def rows(name):
         with open(debug / name, newline="") as f:

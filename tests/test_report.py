@@ -36,7 +36,20 @@ def test_tensor_stats_match_numpy():
         flat.std(),  # MindSpore's "Var" column is sqrt of the variance
         np.mean(flat == 0),
     ]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Quartiles come from a two-level histogram: within range / 2048**2 of the exact ones.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_quartiles_on_repeated_values_are_exact():
+    relu = np.maximum(RNG.standard_normal(5000), 0).astype(np.float32)
+    pixels = np.clip(RNG.integers(-40, 300, 784), 0, 255).astype(np.float32)
+    for x in (relu, pixels):
+        got = np.asarray(report.tensor_stats(x))
+        want = np.quantile(x, [0.0, 0.25, 0.5, 0.75, 1.0])
+        on_repeats = [i for i, v in enumerate(want) if v in (0.0, 255.0)]
+        assert on_repeats  # zeros / saturated pixels hold some quartiles: exact there
+        np.testing.assert_array_equal(got[on_repeats], want[on_repeats])
+        np.testing.assert_allclose(got[:5], want, atol=1e-6 * (x.max() - x.min()))
 
 
 def test_cosine_clip_and_mean_bias_follow_mindspore():
@@ -58,7 +71,7 @@ def test_cosine_clip_and_mean_bias_follow_mindspore():
         want_cos = x @ y / np.linalg.norm(x) / np.linalg.norm(y)
         assert float(got["cmp"][k, 1]) == pytest.approx(want_cos, rel=1e-5)
         np.testing.assert_allclose(got["stats"][k, 1, :5], np.quantile(y, [0, .25, .5, .75, 1]),
-                                   rtol=1e-6)  # fmt: skip
+                                   atol=1e-5)  # fmt: skip
         assert int(got["hist"][k].sum()) == x.size
     ref = np.array([1.0, -2.0, 0.0, 4.0, 0.0], np.float32)
     out = np.array([1.0, -2.5, 0.5, 4.0, 1e-6], np.float32)
@@ -112,7 +125,7 @@ def test_report_files_columns_and_values(full_report):
     fc1_in = np.asarray(samples[0]).ravel()
     origin = rows[0]
     assert (origin["InOutFlag"], origin["TensorTypeFlag"]) == ("Input", "Activation")
-    assert float(origin["Median"]) == pytest.approx(np.median(fc1_in), abs=1e-6)
+    assert float(origin["Median"]) == pytest.approx(np.median(fc1_in), abs=1e-5)
     assert float(origin["Var"]) == pytest.approx(fc1_in.std(), rel=1e-5)
     weight = rows[2]
     assert (weight["TensorTypeFlag"], weight["DataTypeFlag"]) == ("Weight", "Origin")
