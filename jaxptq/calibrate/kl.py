@@ -169,9 +169,10 @@ def kl_divergences(hists: np.ndarray, num_levels: int = NUM_LEVELS) -> tuple[np.
         raise ValueError(f"`hists` rows {np.flatnonzero(counts.sum(axis=1) == 0)} are empty.")
     if hists.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros((0, num_bins - num_levels + 1))
-    # Pad the site count to a power of two with a harmless histogram: fewer compiles.
+    # Pad the site count to a power of two (at least 8) with a harmless histogram, so few
+    # shapes are ever compiled (a compile costs ~2 s, a padded site ~2 ms).
     sites = counts.shape[0]
-    padded = np.zeros((1 << (sites - 1).bit_length(), num_bins))
+    padded = np.zeros((max(8, 1 << (sites - 1).bit_length()), num_bins))
     padded[:sites], padded[sites:, 0] = counts, 1.0
     with jax.enable_x64(True):
         best, kl = _search(jnp.asarray(padded), num_levels)
