@@ -150,13 +150,20 @@ class Block(nnx.Module):
         return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
 
 
-@pytest.mark.parametrize("quant_type", ["FULL_QUANT", "DYNAMIC_QUANT"])
-def test_transformer_block(quant_type, tmp_path):
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"quant_type": "FULL_QUANT", "target_device": "CPU"},
+        {"quant_type": "DYNAMIC_QUANT", "quant_strategy": "ALWC"},  # one scale per tensor
+        {"quant_type": "DYNAMIC_QUANT", "quant_strategy": "ACWL"},  # one scale per row
+    ],
+    ids=["full", "dynamic-ALWC", "dynamic-ACWL"],
+)
+def test_transformer_block(config, tmp_path):
     rng = np.random.default_rng(0)
     block = Block(rngs=nnx.Rngs(0))
     samples = [rng.normal(size=(4, 8, 32)).astype(np.float32) for _ in range(4)]
-    qfn = ptq(block, samples, {"quant_type": quant_type, "target_device": "CPU"}
-              if quant_type == "FULL_QUANT" else {"quant_type": quant_type})
+    qfn = ptq(block, samples, config)
     x = rng.normal(size=(16, 8, 32)).astype(np.float32)
     for form in FORMS:
         path = export_onnx(qfn, tmp_path / f"block_{form}.onnx", x[:4], form=form)
