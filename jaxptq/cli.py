@@ -275,7 +275,7 @@ def _read_data(config: Any, fn: Any, data_format: str | None, progress: bool) ->
     )
 
 
-def _compare(fn: Any, qfn: Any, samples: Sequence[tuple[Any, ...]]) -> dict[str, float]:
+def _compare(fn: Any, qfn: Any, samples: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
     """Cosine similarity, mean bias and top-1 agreement of the first output, per sample."""
     import jax
 
@@ -296,7 +296,7 @@ def _compare(fn: Any, qfn: Any, samples: Sequence[tuple[Any, ...]]) -> dict[str,
         "cosine_mean": float(np.mean(cos)),
         "cosine_min": float(np.min(cos)),
         "mean_bias": float(np.mean(bias)),
-        "top1_agreement": float(np.mean(agree)) if agree else float("nan"),
+        "top1_agreement": float(np.mean(agree)) if agree else None,  # no class axis
     }
 
 
@@ -471,11 +471,15 @@ def _eval(ns: argparse.Namespace) -> int:
     print(
         f"{metrics['samples']} samples: cosine similarity mean {metrics['cosine_mean']:.6f} "
         f"(min {metrics['cosine_min']:.6f}), mean bias {100 * metrics['mean_bias']:.4f}%, "
-        f"top-1 agreement {100 * metrics['top1_agreement']:.2f}%\n"
+        f"top-1 agreement {_percent(metrics['top1_agreement'])}\n"
         f"latency per call: float {metrics['latency_ms_float']:.3f} ms, quantized "
         f"{metrics['latency_ms_quantized']:.3f} ms"
     )
     return EXIT_OK
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def _latency(f: Any, sample: tuple[Any, ...], repeat: int) -> float:

@@ -429,7 +429,7 @@ def write_debug_report(
 
     Returns:
         The folder written: `output_summary.csv`, `report_<round>.csv`,
-        `quant_param.csv`, `cosine_similarity.png` and `histograms/<site>.png`.
+        `quant_param.csv`, `cosine_similarity.png` and `histograms/<index>_<site>.png`.
     """
     del calibration
     folder_name = qfn.plan.config.common_quant_param.debug_info_save_path
@@ -549,19 +549,20 @@ def _write_pictures(
     names = [s.name for s, _ in matched]
     values = [cosines[n] for n in names]
     colors = ["tab:blue" if sp.quantized else "tab:gray" for _, sp in matched]
-    fig = _figure(max(6.0, 0.2 * len(names) + 2), 4.0)
+    label = 0.05 * max(len(n) for n in names)  # inches under the axis for the names
+    fig = _figure(max(6.0, 0.2 * len(names) + 2), 3.0 + label)
     ax = fig.subplots()
     ax.bar(range(len(names)), values, color=colors)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("output cosine similarity (mean over rounds)")
     ax.set_ylim(min([*values, 0.9]) - 0.01, 1.001)
     ax.set_title("per-site cosine similarity, quantized vs float (gray: skipped)")
-    fig.subplots_adjust(bottom=0.35, left=0.12, right=0.98)
+    fig.subplots_adjust(bottom=(label + 0.2) / (3.0 + label), left=0.1, right=0.98)
     _save(fig, folder / "cosine_similarity.png")
 
     hist_dir = folder / "histograms"
     hist_dir.mkdir(exist_ok=True)
-    for site, sp in matched:
+    for index, (site, sp) in enumerate(matched):
         counts, edges = _merge_histograms(hists[site.name])
         fig = _figure(5.0, 3.0)
         ax = fig.subplots()
@@ -577,7 +578,7 @@ def _write_pictures(
             ax.set_title(f"{site.name}: input (stays float)", fontsize=8)
         ax.set_xlabel("activation value", fontsize=8)
         fig.subplots_adjust(bottom=0.18)
-        _save(fig, hist_dir / f"{_safe_name(site.name)}.png")
+        _save(fig, hist_dir / f"{index:03d}_{_safe_name(site.name)}.png")
 
 
 def _clipping_range(sp: SitePlan, edges: np.ndarray) -> tuple[float, float] | None:
