@@ -27,7 +27,7 @@ import numpy as np
 from jaxptq import kernels
 from jaxptq.api import collect_samples, ptq
 from jaxptq.config import QuantConfig
-from jaxptq.graph import Graph, Site, evaluate
+from jaxptq.graph import Graph, Site, bind, evaluate
 from jaxptq.plan import QuantPlan, SitePlan
 from jaxptq.rewrite import GraphCache, QuantizedFunction
 
@@ -174,7 +174,7 @@ def _site_rule(plan: SitePlan, args: Any, use_float: Any, site: Site, vals: list
     if use_float is None:
         return quantized
     # Both branches run; `where` keeps one compiled program for every mask.
-    return jnp.where(use_float, site.node.primitive.bind(*vals, **site.node.params), quantized)
+    return jnp.where(use_float, bind(site.node, vals)[0], quantized)
 
 
 # --- editing a plan -----------------------------------------------------------------------

@@ -248,6 +248,15 @@ def _dtype_of(a: Any) -> Any:
 
 SiteRule = Callable[[Site, list[Any]], Any]
 
+
+def bind(node: Node, vals: Sequence[Any]) -> list[Any]:
+    """Applies a node's primitive, through `FAST_RULES` where one exists."""
+    fast = FAST_RULES.get(node.primitive)
+    if fast is not None:
+        return [fast(*vals, node.params)]
+    result = node.primitive.bind(*vals, **node.params)
+    return list(result) if node.primitive.multiple_results else [result]
+
 # Faster lowerings of float primitives that XLA:CPU runs slowly (see jaxptq.depthwise).
 FAST_RULES: dict[Any, Callable[..., Any]] = {lax.conv_general_dilated_p: depthwise.conv}
 
@@ -277,13 +286,7 @@ def evaluate(
     for node in graph.nodes:
         vals = [read(v) for v in node.inputs]
         rule = rules.get(id(node))
-        if rule is not None:
-            out = [rule(sites[id(node)], vals)]
-        elif node.primitive in FAST_RULES:
-            out = [FAST_RULES[node.primitive](*vals, node.params)]
-        else:
-            result = node.primitive.bind(*vals, **node.params)
-            out = result if node.primitive.multiple_results else [result]
+        out = [rule(sites[id(node)], vals)] if rule is not None else bind(node, vals)
         for var, val in zip(node.outputs, out, strict=True):
             env[var.id] = val
     return [read(v) for v in graph.outputs]

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 
 from jaxptq import kernels
-from jaxptq.graph import Site, evaluate
+from jaxptq.graph import Site, bind, evaluate
 from jaxptq.plan import SitePlan
 from jaxptq.rewrite import GraphCache
 
@@ -47,7 +47,7 @@ def site_inputs(
 
         def record(site: Site, vals: list[Any]) -> Any:
             seen[site.name] = vals[1 - site.weight_index]
-            return site.node.primitive.bind(*vals, **site.node.params)
+            return bind(site.node, vals)[0]
 
         rules = {id(s.node): record for s in graph.sites if s.name in wanted}
         jax_args = jax.tree_util.tree_leaves(args)
@@ -72,7 +72,7 @@ def site_output_pairs(
         def both(site: Site, vals: list[Any]) -> Any:
             plan = by_name[site.name]
             make_args, apply = kernels.KERNELS[plan.act_mode]
-            y_float = site.node.primitive.bind(*vals, **site.node.params)
+            y_float = bind(site.node, vals)[0]
             y_quant = apply(plan, site, vals, make_args(plan, site, False))
             pairs[site.name] = (y_float, y_quant)
             return y_float
