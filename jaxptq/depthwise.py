@@ -56,7 +56,7 @@ def depthwise_conv(x: Any, w: Any, params: dict[str, Any], acc_dtype: Any) -> An
     ]
     tap_shape = [1] * x.ndim
     tap_shape[channel] = w.shape[0]
-    acc = None
+    acc: Any = None
     for offsets in np.ndindex(*kernel):
         start = [0] * x.ndim
         limit = list(x.shape)
