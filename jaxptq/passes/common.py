@@ -12,6 +12,9 @@ from jaxptq.graph import Site
 from jaxptq.layout import site_layout
 from jaxptq.plan import SitePlan
 
+# How a weight scale is chosen: max-abs, or the clip with the least squared error.
+WEIGHT_CLIPS = ("max", "mse")
+
 
 def check_skip_names(sites: Sequence[Site], names: Sequence[str]) -> None:
     """Every `skip_quant_node` entry must name a site; a typo would silently quantize."""
@@ -56,11 +59,34 @@ def skip_reason(site: Site, config: QuantConfig, *, size_rules: bool) -> str | N
     return None
 
 
-def weight_site_plan(site: Site, bits: int, per_channel: bool) -> SitePlan:
-    """A site plan with the weight quantized symmetrically to `bits`."""
+def weight_site_plan(
+    site: Site,
+    bits: int,
+    per_channel: bool,
+    *,
+    clip: str = "max",
+    scale: np.ndarray | None = None,
+) -> SitePlan:
+    """A site plan with the weight quantized symmetrically to `bits`.
+
+    Args:
+        site: the site.
+        bits: the weight width.
+        per_channel: one scale per output channel, else one per tensor.
+        clip: "max" maps max|w| to the top level; "mse" clips each channel where its
+            squared error is least (`qmath.mse_symmetric_scales`), which matters below
+            8 bits.
+        scale: a precomputed scale (as `symmetric_scale` shapes it); overrides `clip`.
+    """
+    if clip not in WEIGHT_CLIPS:
+        raise ValueError(f"`clip` must be one of {WEIGHT_CLIPS}, got {clip!r}.")
     weight = site.weight.astype(np.float32)
     axes = site_layout(site).weight_channel_axes if per_channel else ()
-    scale = qmath.symmetric_scale(weight, bits, axes)
+    if scale is None:
+        if clip == "mse":
+            scale = qmath.mse_symmetric_scales(weight, [bits], axes)[0]
+        else:
+            scale = qmath.symmetric_scale(weight, bits, axes)
     lo, hi = qmath.symmetric_range(bits)
     q = qmath.quantize(weight, scale, 0, lo, hi, qmath.storage_dtype(bits))
     return SitePlan(
