@@ -317,9 +317,17 @@ def _activation_segments(matched: list[tuple[Site, SitePlan]]) -> _Segments:
 
 
 def _onnx_nodes(fn: Any) -> dict[str, Any]:
+    """An imported ONNX model's nodes by the name their sites get: the node's name (or
+    `OpType_index`) as a JAX name stack spells it, without empty `/` parts."""
     model = getattr(fn, "model", None)
     graph = getattr(model, "graph", None)
-    return {n.name: n for n in graph.node} if graph is not None else {}
+    if graph is None:
+        return {}
+    nodes = {}
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        nodes["/".join(p for p in name.split("/") if p)] = node
+    return nodes
 
 
 def _names(site: Site, nodes: dict[str, Any]) -> tuple[str, str, str, str]:
