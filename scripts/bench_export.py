@@ -14,7 +14,6 @@ import argparse
 import os
 import pathlib
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -70,6 +69,7 @@ def session(path: pathlib.Path) -> ort.InferenceSession:
 
 
 def latency_ms(run: Callable[[], Any], repeats: int) -> float:
+    """Best of `repeats` runs: on a shared machine the minimum is the least noisy figure."""
     run()
     run()
     times = []
@@ -77,7 +77,7 @@ def latency_ms(run: Callable[[], Any], repeats: int) -> float:
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return 1000 * min(times)
 
 
 def predict(run: Callable[[np.ndarray], Any], x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -165,15 +165,16 @@ def main() -> None:
           f"({sizes['qoperator'] / sizes['float']:.1%}); with fuse_calib "
           f"{sizes['qdq+fuse']:,} B / {sizes['qoperator+fuse']:,} B\n")
     print("| onnxruntime CPU | top-1 % | agree fp32 % | agree jaxptq int8 (JAX) % | "
-          "cos vs JAX int8 | batch 1 ms | batch 32 ms | b1 vs ORT int8 | b32 vs ORT int8 |")
+          "cos vs JAX int8 | batch 1 ms (best) | batch 32 ms (best) | b1 vs ORT int8 | "
+          "b32 vs ORT int8 |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = rows[1][2]
     for name, logits, lat in rows:
         print(f"| {name} | {top1(logits):.2f} | {agree(logits, float_logits):.2f} | "
               f"{agree(logits, qfn_logits):.2f} | {cos(logits, qfn_logits):.5f} | "
               f"{lat[0]:.2f} | {lat[1]:.1f} | {lat[0] / base[0]:.2f}x | {lat[1] / base[1]:.2f}x |")
-    print("\n| XLA CPU | top-1 % | batch 1 ms (float / int8) | batch 32 ms (float / int8) | "
-          "int8 / float |")
+    print("\n| XLA CPU | top-1 % | batch 1 ms, best (float / int8) | "
+          "batch 32 ms, best (float / int8) | int8 / float |")
     print("|---|---|---|---|---|")
     print(f"| StableHLO artifact (int8) vs jax.jit(float) | {top1(hlo_logits):.2f} | "
           f"{xla[0][0]:.2f} / {xla[0][1]:.2f} | {xla[1][0]:.1f} / {xla[1][1]:.1f} | "

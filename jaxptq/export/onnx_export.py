@@ -11,8 +11,9 @@ from typing import Any
 
 import onnx
 
+from jaxptq.export._context import SiteRef, node_name
 from jaxptq.export._qparams import weight_storage
-from jaxptq.export._rewrite_onnx import SiteRef, fusable_outputs, node_name, quantize_graph
+from jaxptq.export._rewrite_onnx import fusable_outputs, quantize_graph
 from jaxptq.rewrite import QuantizedFunction
 from jaxptq.targets import TARGETS, TargetProfile
 
@@ -145,8 +146,10 @@ def build_model(
     if fuse_calib is not None:
         from jaxptq.export._fuse import calibrate_tensors
 
-        extra = calibrate_tensors(source, fusable_outputs(source, refs, target), fuse_calib,
-                                  target)
+        wanted = fusable_outputs(source, refs, target)
+        extra = calibrate_tensors(source, [t for t, q in wanted.items() if q is None],
+                                  fuse_calib, target)
+        extra |= {t: q for t, q in wanted.items() if q is not None}
     return quantize_graph(source, refs, target, form, extra)
 
 

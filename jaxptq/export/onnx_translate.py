@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from jaxptq.export._builder import GraphBuilder
-from jaxptq.export._rewrite_onnx import SiteRef
+from jaxptq.export._context import SiteRef
 from jaxptq.graph import Graph, Node, Site, Value, _Literal
 from jaxptq.rewrite import QuantizedFunction
 
