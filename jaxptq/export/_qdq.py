@@ -13,7 +13,9 @@ from jaxptq.layout import site_layout, to_output
 
 _TINY = np.float32(1e-30)
 
+
 def bias_value(ctx: Ctx, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+    """The node's constant bias input `index` as float32, None when it has none."""
     if len(node.input) <= index or not node.input[index]:
         return None
     name = node.input[index]

@@ -12,7 +12,6 @@ from typing import Any
 import onnx
 
 from jaxptq.export._context import SiteRef, node_name
-from jaxptq.export._qparams import weight_storage
 from jaxptq.export._rewrite_onnx import fusable_outputs, quantize_graph
 from jaxptq.rewrite import QuantizedFunction
 from jaxptq.targets import TARGETS, TargetProfile
@@ -101,12 +100,9 @@ def _node_ref(node: onnx.NodeProto, site: Any, plan: Any) -> SiteRef:
 
 
 def _needed_opset(qfn: QuantizedFunction) -> int:
-    for sp in qfn.plan.quantized_sites:
-        if sp.bits is not None and weight_storage(sp.bits).itemsize != 1:
-            return _SUB_BYTE_OPSET
-        if sp.bits is not None and sp.bits <= 4:
-            return _SUB_BYTE_OPSET
-    return _MIN_OPSET
+    """INT4 (bits <= 4) and INT16 (bits > 8) weight initializers need opset 21."""
+    odd = any(sp.bits is not None and not 4 < sp.bits <= 8 for sp in qfn.plan.quantized_sites)
+    return _SUB_BYTE_OPSET if odd else _MIN_OPSET
 
 
 def _with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
