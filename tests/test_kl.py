@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jaxptq.calibrate import kl_divergences
-from jaxptq.calibrate.kl import MAX_BINS, NUM_LEVELS
+from jaxptq.calibrate.kl import MAX_BINS, NUM_LEVELS, balanced_candidates
 
 TIE = 1e-12  # only exact ties (KL plateaus at 0) are this close; float noise is ~1e-15
 
@@ -154,3 +154,18 @@ def test_rejects_bad_histograms() -> None:
         kl_divergences(np.zeros((2, 256)))
     with pytest.raises(ValueError, match=r"\(sites, num_bins\)"):
         kl_divergences(np.ones(256))
+
+
+def test_balanced_search_skips_remainder_heavy_candidates() -> None:
+    """MXNet's merge lets the last level swallow the remainder (at i = 255 it holds 128
+    bins); the balanced search never chooses such a candidate, and on histograms where
+    MXNet's choice is balanced anyway both agree."""
+    mask = balanced_candidates(2048)
+    assert mask[255 - 128] == np.False_ and mask[256 - 128] and mask[2048 - 128]
+    rng = np.random.default_rng(0)
+    relu6 = np.clip(np.abs(rng.standard_t(3, size=200_000)) * 0.4, 0, 6)
+    hist = _activation_hist(relu6)[None]
+    best, kl = kl_divergences(hist, balanced=True)
+    i = best[0]
+    assert mask[i - 128]
+    assert kl[0, i - 128] == np.min(np.where(mask, kl[0], np.inf))

@@ -76,7 +76,13 @@ class KL:
 
     def select(self, mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray | None) -> Ranges:
         assert counts is not None
-        best, _ = kl_divergences(counts)
+        # Exact zeros (ReLU, padding) pile up in bin 0; merged into a level with its
+        # neighbours they dominate the divergence and push the threshold down. NVIDIA's
+        # pytorch-quantization entropy calibrator sets bin 0 to bin 1 for this reason.
+        counts = np.array(counts, copy=True)
+        has_more = counts[:, 1:].sum(axis=1) > 0
+        counts[has_more, 0] = counts[has_more, 1]
+        best, _ = kl_divergences(counts, balanced=True)
         absmax = np.maximum(np.abs(mins), np.abs(maxs)).astype(np.float32)
         t = best.astype(np.float32) * (absmax / np.float32(self.num_bins))
         return np.maximum(-t, mins).astype(np.float32), np.minimum(t, maxs).astype(np.float32)
