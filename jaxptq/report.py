@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxptq import kernels
-from jaxptq.graph import Graph, Site, evaluate
+from jaxptq.graph import Graph, Site, bind, evaluate
 from jaxptq.layout import site_layout
 from jaxptq.plan import SitePlan
 from jaxptq.rewrite import QuantizedFunction
@@ -273,7 +273,7 @@ def _round_program(graph: Graph, matched: list[tuple[Site, SitePlan]]) -> tuple[
         seen_quant: dict[str, tuple[Any, Any]] = {}
 
         def float_rule(site: Site, vals: list[Any]) -> Any:
-            y = site.node.primitive.bind(*vals, **site.node.params)
+            y = bind(site.node, vals)[0]
             seen_float[site.name] = (vals[1 - site.weight_index], y)
             return y
 
@@ -282,7 +282,7 @@ def _round_program(graph: Graph, matched: list[tuple[Site, SitePlan]]) -> tuple[
             if sp.quantized:
                 y = kernels.KERNELS[sp.act_mode][1](sp, site, vals, site_args[sp.name])
             else:
-                y = site.node.primitive.bind(*vals, **site.node.params)
+                y = bind(site.node, vals)[0]
             seen_quant[site.name] = (dequantized_input(sp, site, x), y)
             return y
 
