@@ -84,7 +84,9 @@ class CommonQuantParam:
         _int_range(s, "min_quant_weight_size", self.min_quant_weight_size, 0, 65535)
         _int_range(s, "min_quant_weight_channel", self.min_quant_weight_channel, 0, 65535)
         if not all(isinstance(n, str) for n in self.skip_quant_node):
-            raise ConfigError(f"[{s}] `skip_quant_node` must hold names, got {self.skip_quant_node!r}.")
+            raise ConfigError(
+                f"[{s}] `skip_quant_node` must hold names, got {self.skip_quant_node!r}."
+            )
         _bool(s, "enable_encode", self.enable_encode)
         if not self.enable_encode and self.bit_num not in (8, 16):
             raise ConfigError(
@@ -125,8 +127,9 @@ class FullQuantParam:
 
     def validate(self) -> None:
         s = "full_quant_param"
-        _choice(s, "activation_quant_method", self.activation_quant_method,
-                ACTIVATION_QUANT_METHODS)
+        _choice(
+            s, "activation_quant_method", self.activation_quant_method, ACTIVATION_QUANT_METHODS
+        )
         _bool(s, "bias_correction", self.bias_correction)
         _bool(s, "per_channel", self.per_channel)
         if self.target_device is not None:
@@ -307,4 +310,6 @@ def as_config(config: QuantConfig | Mapping[str, Any] | None) -> QuantConfig:
         return config
     if isinstance(config, Mapping):
         return QuantConfig.create(**config)
-    raise TypeError(f"`config` must be a QuantConfig or a dict of keys, got {type(config).__name__}.")
+    raise TypeError(
+        f"`config` must be a QuantConfig or a dict of keys, got {type(config).__name__}."
+    )
