@@ -48,9 +48,12 @@ class GraphBuilder:
     def node(
         self, op: str, inputs: Sequence[str], base: str, n_out: int = 1, **attrs: Any
     ) -> tuple[onnx.NodeProto, list[str]]:
-        """A node named `base` (made fresh) with fresh output names `base_out{i}`."""
+        """A node named `base` (made fresh) with fresh output names `base_out{i}`; a (De)Q
+        node's output is `..._q` / `..._dq`, short, as it is named twice in the file."""
         name = self.fresh(base)
-        outs = [self.fresh(f"{name}_out{i}" if n_out > 1 else f"{name}_out") for i in range(n_out)]
+        short = name.replace("_DequantizeLinear", "_dq").replace("_QuantizeLinear", "_q")
+        out = short if short != name else f"{name}_out"
+        outs = [self.fresh(f"{out}{i}" if n_out > 1 else out) for i in range(n_out)]
         return helper.make_node(op, list(inputs), outs, name=name, **attrs), outs
 
     def quantize(
@@ -85,13 +88,20 @@ class GraphBuilder:
         scale: np.ndarray,
         axis: int | None,
         nodes: list[onnx.NodeProto],
+        zero_point: bool = True,
     ) -> str:
-        """An integer initializer with its DequantizeLinear (zero point 0, per `axis`)."""
+        """An integer initializer with its DequantizeLinear (zero point 0, per `axis`).
+
+        `zero_point=False` leaves the optional zero point out (it defaults to 0): int32
+        biases would otherwise store 4 more bytes a channel for nothing.
+        """
         qn = self.const(f"{base}_quantized", q)
         sn = self.const(f"{base}_scale", np.asarray(scale, np.float32))
-        zn = self.const(f"{base}_zero_point", np.zeros(np.shape(scale), q.dtype))
+        inputs = [qn, sn]
+        if zero_point:
+            inputs.append(self.const(f"{base}_zero_point", np.zeros(np.shape(scale), q.dtype)))
         attrs = {} if axis is None else {"axis": int(axis)}
-        node, (out,) = self.node("DequantizeLinear", [qn, sn, zn], f"{base}_DequantizeLinear",
+        node, (out,) = self.node("DequantizeLinear", inputs, f"{base}_DequantizeLinear",
                                  **attrs)
         nodes.append(node)
         return out

@@ -103,7 +103,7 @@ def _fold_bias(
     inputs = list(node.input) + [""] * (3 - len(node.input))
     if int32_scale is not None:
         q, scale = bias_int32(total, np.float32(1.0), int32_scale)
-        inputs[2] = ctx.b.dequantize_const(f"{node.name}_B", q, scale, 0, pre)
+        inputs[2] = ctx.b.dequantize_const(f"{node.name}_B", q, scale, 0, pre, zero_point=False)
     else:
         inputs[2] = ctx.b.const(f"{node.name}_B", total.astype(np.float32))
     del node.input[:]
