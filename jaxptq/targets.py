@@ -10,6 +10,9 @@ Where each rule comes from:
   int8 symmetric per-channel weights and int32 biases.
 - `ASCEND`: the Ascend AMCT/ATC int8 flow takes int8 activations with an offset,
   int8 symmetric per-channel weights and int32 biases.
+
+`jaxptq.export_onnx` writes these conventions into the model (docs/export.md has the table);
+`TargetProfile.cannot_express` is what the FULL_QUANT pass checks at quantization time.
 """
 
 from __future__ import annotations
