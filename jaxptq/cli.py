@@ -310,43 +310,20 @@ def _compare(fn: Any, qfn: Any, samples: Sequence[tuple[Any, ...]]) -> dict[str,
 # --- convert -----------------------------------------------------------------------------------
 
 
-def _exporter(name: str) -> Any:
-    """`jaxptq.<name>`, or `jaxptq.export.<name>` before it is re-exported; None if absent."""
-    import jaxptq
-
-    found = getattr(jaxptq, name, None)
-    if found is None:
-        try:
-            from jaxptq import export
-        except ImportError:
-            return None
-        found = getattr(export, name, None)
-    return found
-
-
 def _export(qfn: Any, sample: tuple[Any, ...], folder: pathlib.Path, form: str) -> list[str]:
     """Writes the deployable artifacts for the plan's target; returns what was written.
 
     ONNX (QDQ or QOperator, following the target profile) for every target; for CPU and
-    NVGPU (and no target) also the XLA program: a serialized `jax.export` module
-    (`model.stablehlo.npz`, `jaxptq.load_stablehlo` runs it), or its StableHLO text when
-    `export_stablehlo` is not available.
+    NVGPU (and no target) also the XLA program, a serialized `jax.export` module
+    (`model.stablehlo.npz`, `jaxptq.load_stablehlo` runs it).
     """
-    written = []
-    export_onnx = _exporter("export_onnx")
-    if export_onnx is not None:
-        export_onnx(qfn, folder / "model.onnx", *sample, form=form)
-        written.append("model.onnx")
-    else:
-        logger.warning("ONNX export is not available in this jaxptq; wrote the plan only")
+    from jaxptq.export import export_onnx, export_stablehlo
+
+    export_onnx(qfn, folder / "model.onnx", *sample, form=form)
+    written = ["model.onnx"]
     if qfn.plan.config.full_quant_param.target_device in (None, "CPU", "NVGPU"):
-        export_stablehlo = _exporter("export_stablehlo")
-        if export_stablehlo is not None:
-            export_stablehlo(qfn, folder / "model.stablehlo.npz", *sample)
-            written.append("model.stablehlo.npz")
-        else:
-            (folder / "model.stablehlo.mlir").write_text(qfn.lower(*sample).as_text())
-            written.append("model.stablehlo.mlir")
+        export_stablehlo(qfn, folder / "model.stablehlo.npz", *sample)
+        written.append("model.stablehlo.npz")
     return written
 
 
