@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -367,9 +365,9 @@ def _convert(ns: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     metrics = _compare(fn, qfn, samples)
     plan = qfn.plan
-    parent = out.resolve().parent
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
+    from jaxptq import atomic
+
+    with atomic.folder(out.resolve()) as tmp:
         plan.save(tmp / "plan")
         written = ["plan/", *_export(qfn, samples[0], tmp, ns.onnx_form)]
         config.to_ini(str(tmp / "config.cfg"))
@@ -390,12 +388,6 @@ def _convert(ns: argparse.Namespace) -> int:
             **metrics,
         }
         (tmp / OUTPUT_MARKER).write_text(json.dumps(summary, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     _print_summary(summary, out)
     return EXIT_OK
 

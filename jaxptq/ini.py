@@ -20,11 +20,11 @@ import dataclasses
 import os
 import pathlib
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+from jaxptq import atomic
 from jaxptq.config import SECTIONS, ConfigError, QuantConfig, closest
 
 
@@ -488,15 +488,4 @@ def format_config(config: QuantConfig) -> str:
 
 def write_config(config: QuantConfig, path: str | os.PathLike[str]) -> None:
     """Writes `config` as a converter config file, atomically (temp file, then rename)."""
-    text = format_config(config)
-    target = pathlib.Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a config file is for everyone to read
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_bytes(path, format_config(config).encode("utf-8"))

@@ -11,13 +11,11 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from jaxptq import qmath
+from jaxptq import atomic, qmath
 from jaxptq.config import QuantConfig
 
 PLAN_VERSION = 1
@@ -153,19 +151,10 @@ class QuantPlan:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the plan folder atomically (a temporary folder, then a rename)."""
-        target = pathlib.Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            meta, arrays = self._to_json_and_arrays()
+        meta, arrays = self._to_json_and_arrays()
+        with atomic.folder(path) as tmp:
             (tmp / "plan.json").write_text(json.dumps(meta, indent=1))
             np.savez(str(tmp / "arrays.npz"), **arrays)  # type: ignore[arg-type]
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> QuantPlan:

@@ -29,10 +29,8 @@ import csv
 import functools
 import io
 import logging
-import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxptq import kernels
+from jaxptq import atomic, kernels
 from jaxptq.graph import Graph, Site, bind, evaluate
 from jaxptq.layout import site_layout
 from jaxptq.plan import SitePlan
@@ -347,18 +345,6 @@ def _output_names(fn: Any, count: int) -> list[str]:
 # --- writing --------------------------------------------------------------------------------
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for everyone to read
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -498,13 +484,15 @@ def write_debug_report(
             cos_sum[site.name] += float(stats[(site.name, "out")]["cmp"][1])
             h = stats[(site.name, "in")]
             hists[site.name].append((h["hist"], float(h["hist_lo"]), float(h["hist_hi"])))
-        _atomic_write(folder / f"report_{rnd}.csv", _csv_bytes(REPORT_COLUMNS, rows))
+        atomic.write_bytes(folder / f"report_{rnd}.csv", _csv_bytes(REPORT_COLUMNS, rows))
     for stale in folder.glob("report_*.csv"):  # rounds of an earlier, longer run
         index = stale.stem.removeprefix("report_")
         if index.isdigit() and int(index) >= len(samples):
             stale.unlink()
-    _atomic_write(folder / "output_summary.csv", _csv_bytes(OUTPUT_SUMMARY_COLUMNS, summary_rows))
-    _atomic_write(
+    atomic.write_bytes(
+        folder / "output_summary.csv", _csv_bytes(OUTPUT_SUMMARY_COLUMNS, summary_rows)
+    )
+    atomic.write_bytes(
         folder / "quant_param.csv",
         _csv_bytes(QUANT_PARAM_COLUMNS, _quant_param_rows(matched, nodes)),
     )
@@ -605,4 +593,4 @@ def _clipping_range(sp: SitePlan, edges: np.ndarray) -> tuple[float, float] | No
 def _save(fig: Any, path: pathlib.Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    atomic.write_bytes(path, buf.getvalue())

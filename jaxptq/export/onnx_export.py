@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
 import onnx
 
+from jaxptq import atomic
 from jaxptq.export._context import SiteRef, node_name
 from jaxptq.export._rewrite_onnx import fusable_outputs, quantize_graph
 from jaxptq.rewrite import QuantizedFunction
@@ -149,17 +149,6 @@ def build_model(
     return quantize_graph(source, refs, target, form, extra)
 
 
-def _write_atomically(model: onnx.ModelProto, path: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export_onnx(
     qfn: QuantizedFunction,
     path: str | os.PathLike[str],
@@ -208,6 +197,6 @@ def export_onnx(
     model = build_model(qfn, profile, form, example_args, fuse_calib)
     onnx.checker.check_model(model, full_check=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(model, out)
+    atomic.write_bytes(out, model.SerializeToString())
     logger.info("wrote %s (%s, target %s)", out, form, profile.name)
     return out

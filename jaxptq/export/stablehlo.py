@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 from jax import export as jax_export
 
+from jaxptq import atomic
 from jaxptq.rewrite import QuantizedFunction
 
 FORMAT = "jaxptq-stablehlo-1"
@@ -55,17 +55,7 @@ def export_stablehlo(
     arrays = {f"p{i}": np.asarray(a) for i, a in enumerate(param_leaves)}
     arrays[_MODULE] = np.frombuffer(bytes(exported.serialize()), np.uint8)
     arrays[_FORMAT_KEY] = np.frombuffer(FORMAT.encode(), np.uint8)
-    out = pathlib.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return atomic.write_file(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 class StableHLOFunction:
