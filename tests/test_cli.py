@@ -277,7 +277,7 @@ def test_refuses_a_foreign_output_folder(mnist, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_efficientnet_full_quant_cli_end_to_end(shared_data, tmp_path):
-    """The documentation's full-quant config (paths changed) on 6 ImageNet photos (kept small: CI has 2 cores)."""
+    """The documentation's full-quant config (paths changed) on 6 ImageNet photos."""
     from jaxptq.datasets import imagenet_split
 
     calib, _, _ = imagenet_split(shared_data / "imagenet")
