@@ -83,7 +83,7 @@ class QuantizedFunction:
             for site, sp in self._matched_sites(graph):
                 if sp.quantized:
                     make_args = kernels.KERNELS[sp.act_mode][0]
-                    out[sp.name] = jax.device_put(make_args(sp, site, self.plan.packed))
+                    out[sp.name] = _on_device(make_args(sp, site, self.plan.packed))
             self._site_args = out
         return self._site_args
 
@@ -105,7 +105,7 @@ class QuantizedFunction:
             outs = evaluate(graph, env, flat_args, rules)
             return jax.tree_util.tree_unflatten(graph.out_tree, outs)
 
-        const_arrays = jax.device_put([np.asarray(v.const) for v in consts])
+        const_arrays = _on_device([np.asarray(v.const) for v in consts])
         program = _Program(jax.jit(run), const_arrays)
         self._programs[id(graph)] = program
         return program
@@ -134,6 +134,13 @@ class _Program:
 
     def lower(self, site_args: Any, *flat: Any) -> jax.stages.Lowered:
         return self.jitted.lower(site_args, self.const_arrays, *flat)
+
+
+def _on_device(tree: Any) -> Any:
+    """Concrete device arrays even when first asked for inside a trace (`jax.jit(qfn)`),
+    so the cached arrays never hold a tracer."""
+    with jax.ensure_compile_time_eval():
+        return jax.device_put(tree)
 
 
 def _call_kernel(apply: Any, sp: SitePlan, args: Any, site: Site, vals: list[Any]) -> Any:

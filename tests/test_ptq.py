@@ -328,3 +328,13 @@ def test_site_names_survive_vmap() -> None:
     row_wise = jax.vmap(lambda r: f(r[None])[0])
     qfn = jaxptq.ptq(row_wise, [np.ones((4, 3), np.float32)], {"quant_type": "DYNAMIC_QUANT"})
     assert [s.name for s in qfn.plan.sites] == ["layer"]
+
+
+def test_first_call_inside_jit_and_vmap_caches_no_tracer(lenet: Any, calib: Any,
+                                                         digits_data: Any) -> None:
+    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "bias_correction": False})
+    rows = jax.jit(jax.vmap(lambda r: qfn(r[None])[0]))  # per-row shapes: a new graph
+    x = digits_data[2][:8]
+    first = np.asarray(rows(x))
+    np.testing.assert_array_equal(np.asarray(rows(x[:4])), first[:4])  # a second trace
+    np.testing.assert_allclose(first, np.asarray(qfn(x)), rtol=1e-5, atol=1e-5)
