@@ -215,17 +215,10 @@ def _weight_quant_param(
                     f"{where} = {entry.value!r} is not valid; choose one of ON_THE_FLY."
                 )
         elif key == "bias_correction":
-            try:
-                on = _parse_bool(entry.value)
-            except _BadValue as err:
-                raise ConfigError(f"{where} {err}.") from None
-            if on:
-                warnings.warn(
-                    f"{where} = true has no equivalent in jaxptq (weight-only quantization "
-                    "has no bias correction); ignored.",
-                    ConfigWarning,
-                    stacklevel=4,
-                )
+            _warn_when_on(
+                where, entry, "has no equivalent in jaxptq (weight-only quantization has no "
+                "bias correction); ignored."
+            )
         else:  # per_channel: the weight pass reads [full_quant_param] per_channel
             try:
                 value = _parse_bool(entry.value)
@@ -242,22 +235,25 @@ def _weight_quant_param(
             lines["full_quant_param"]["per_channel"] = entry.line
 
 
-def _full_quant_extra(key: str, entry: _Entry, source: str) -> bool:
-    """`enable_all_ops` (Micro only in MindSpore): accepted, warned about when on."""
-    if key != "enable_all_ops":
-        return False
-    where = f"{source}:{entry.line}: [full_quant_param] `enable_all_ops`"
+def _warn_when_on(where: str, entry: _Entry, consequence: str) -> None:
+    """A boolean key jaxptq accepts but has no use for: parsed, and a warning when on."""
     try:
         on = _parse_bool(entry.value)
     except _BadValue as err:
         raise ConfigError(f"{where} {err}.") from None
     if on:
-        warnings.warn(
-            f"{where} = true is a MindSpore Micro setting; jaxptq quantizes every supported "
-            "site anyway. Ignored.",
-            ConfigWarning,
-            stacklevel=4,
-        )
+        warnings.warn(f"{where} = true {consequence}", ConfigWarning, stacklevel=5)
+
+
+def _full_quant_extra(key: str, entry: _Entry, source: str) -> bool:
+    """`enable_all_ops` (Micro only in MindSpore): accepted, warned about when on."""
+    if key != "enable_all_ops":
+        return False
+    where = f"{source}:{entry.line}: [full_quant_param] `enable_all_ops`"
+    _warn_when_on(
+        where, entry, "is a MindSpore Micro setting; jaxptq quantizes every supported site "
+        "anyway. Ignored."
+    )
     return True
 
 
