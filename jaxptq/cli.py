@@ -151,16 +151,7 @@ def _legacy_parser() -> argparse.ArgumentParser:
         default=16,
         help="WeightQuant min output channels (default 16)",
     )
-    p.add_argument(
-        "--inputDataFormat",
-        dest="data_format",
-        choices=("NCHW", "NHWC"),
-        default=None,
-        help="layout of 4-D model inputs; .bin calibration buffers are read in it "
-        "(default: the input's declared layout for images, NHWC for .bin)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on error")
+    _common_flags(p)
     return p
 
 

@@ -20,6 +20,8 @@ from jaxptq.plan import SitePlan
 from jaxptq.probe import site_output_pairs
 from jaxptq.rewrite import GraphCache
 
+ROWS = 16  # rows per step: one compiled program whatever the caller's batch sizes
+
 
 def apply_bias_correction(
     graphs: GraphCache,
@@ -27,41 +29,45 @@ def apply_bias_correction(
     sites: Sequence[Site],
     plans: Sequence[SitePlan],
     samples: Sequence[tuple[Any, ...]],
-    per_row: bool = False,
 ) -> None:
-    """Sets `bias_correction` on every quantized site plan, from one pass over `samples`."""
-    active = [p for p in plans if p.int8_compute]
+    """Sets `bias_correction` on every quantized site plan, from one pass over `samples`.
+
+    Rows are evaluated one at a time under `vmap` (so fixed-batch models work) in steps
+    of `ROWS`; the last step repeats its last row and masks the copies out.
+    """
+    active = {p.name: p for p in plans if p.int8_compute}
     if not active:
         return
-    channel_axes = {}
+    summed_axes = {}  # every output axis but the weight's (output channel) axes
     for site in sites:
-        lay = site_layout(site) if site.name in {p.name for p in active} else None
-        if lay is not None:
+        if site.name in active:
+            lay = site_layout(site)
             kept = {o for o in lay.weight_to_out if o is not None}
-            channel_axes[site.name] = tuple(a for a in range(lay.out_ndim) if a not in kept)
-    pairs = site_output_pairs(graphs, in_tree, active, per_row)
+            summed_axes[site.name] = tuple(a for a in range(lay.out_ndim) if a not in kept)
+    pairs = site_output_pairs(graphs, in_tree, list(active.values()), per_row=True)
 
     @jax.jit
-    def step(*flat: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
+    def step(valid: jax.Array, *flat: Any) -> dict[str, tuple[jax.Array, jax.Array]]:
         out = {}
         for name, (y_float, y_quant) in pairs(*flat).items():
-            axes = channel_axes[name]
             diff = y_float.astype(jnp.float32) - y_quant.astype(jnp.float32)
-            rows = 1
-            if per_row:  # rowwise evaluation added a leading row axis
-                rows, diff = diff.shape[0], diff.sum(axis=0)
-            count = rows * (np.prod([diff.shape[a] for a in axes]) if axes else 1)
-            out[name] = (jnp.sum(diff, axis=axes, keepdims=True), jnp.float32(count))
+            diff = jnp.einsum("r...,r->...", diff, valid)  # rows summed, padding masked
+            axes = summed_axes[name]
+            count = jnp.sum(valid) * np.prod([diff.shape[a] for a in axes])
+            out[name] = (jnp.sum(diff, axis=axes, keepdims=True), count)
         return out
 
-    # Accumulate on the host in float64, so the split into batches barely matters.
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, float] = {}
-    for flat in samples:
-        for name, (total, count) in step(*flat).items():
-            sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
-            counts[name] = counts.get(name, 0.0) + float(count)
-    for plan in active:
-        mean = sums[plan.name] / max(counts[plan.name], 1.0)
+    rows = [np.concatenate(parts) for parts in zip(*samples, strict=True)]
+    total = len(rows[0])
+    sums: dict[str, jax.Array] = {}
+    counts: dict[str, jax.Array] = {}
+    for start in range(0, total, ROWS):
+        index = np.minimum(np.arange(start, start + ROWS), total - 1)
+        valid = (np.arange(start, start + ROWS) < total).astype(np.float32)
+        for name, (part, count) in step(valid, *[a[index] for a in rows]).items():
+            sums[name] = sums[name] + part if name in sums else part
+            counts[name] = counts[name] + count if name in counts else count
+    for name, plan in active.items():
+        mean = np.asarray(sums[name], np.float64) / max(float(counts[name]), 1.0)
         if np.all(np.isfinite(mean)):
             plan.bias_correction = mean.astype(np.float32)

@@ -42,7 +42,7 @@ def plan_full_quant(
     progress: bool = True,
 ) -> tuple[list[SitePlan], Any]:
     """Calibrates every eligible site's input range, then plans int8 sites."""
-    from jaxptq.calibrate import ROWS_PER_DEVICE, calibrate
+    from jaxptq.calibrate import calibrate
 
     full = config.full_quant_param
     reasons = {s.name: skip_reason(s, config, size_rules=False) for s in sites}
@@ -59,9 +59,6 @@ def plan_full_quant(
         full.activation_quant_method,
         outlier_percent=full.outlier_percent,
         progress=progress,
-        # Microbatches no larger than the caller's batches: models exported with a fixed
-        # batch size (an ONNX input of shape [1, ...]) cannot run 16 rows at once.
-        rows_per_device=min(ROWS_PER_DEVICE, min(len(s[0]) for s in samples)),
     )
     target = TARGETS[full.target_device]
     plans = []
@@ -79,5 +76,5 @@ def plan_full_quant(
         plan.act_symmetric = symmetric
         plans.append(plan)
     if full.bias_correction:
-        apply_bias_correction(graphs, in_tree, sites, plans, samples, per_row)
+        apply_bias_correction(graphs, in_tree, sites, plans, samples)
     return plans, result
