@@ -121,32 +121,57 @@ def _kl_method_reference(counts: np.ndarray) -> int:
     return int(np.flatnonzero(masked <= masked.min() + 1e-12)[0]) + NUM_LEVELS
 
 
+KL_BINS = 2 * 2048  # the KL method's histogram: twice its 2048-bin resolution
+
+
+def _abs_histogram_reference(v: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
+    """|v| counts over [0, top], top = the power of two at or above max|v|, with the
+    observer's float32 binning floor(|v| * (bins / top)); and the bins up to max|v|."""
+    a = np.abs(v).ravel()
+    top = np.float32(2.0 ** np.ceil(np.log2(float(a.max()))))
+    scale = np.float32(KL_BINS) / top
+    idx = np.clip(np.floor(a * scale), 0, KL_BINS - 1).astype(np.int64)
+    return np.bincount(idx, minlength=KL_BINS), top, int(idx.max()) + 1
+
+
 def test_kl_matches_reference_end_to_end(heavy: np.ndarray) -> None:
     res = calibrate(elementwise, [(heavy,)], "KL", progress=False)
     for name, v in elementwise_np(heavy).items():
-        a = np.abs(v).ravel()
-        absmax = a.max()
-        # The same float32 binning the observer uses: floor(|x| * (bins / absmax)).
-        idx = np.clip(np.floor(a * (np.float32(2048) / absmax)), 0, 2047).astype(np.int64)
-        ref_counts = np.bincount(idx, minlength=2048)
+        ref_counts, top, stop = _abs_histogram_reference(v)
+        assert top / 2 < np.abs(v).max() <= top and stop > KL_BINS // 2
         counts, lo, hi = res.histograms[name]
         np.testing.assert_array_equal(counts, ref_counts)
-        assert (lo, hi) == (0.0, absmax)
-        best = _kl_method_reference(ref_counts)
-        t = np.float32(best) * (absmax / np.float32(2048))
+        assert (lo, hi) == (0.0, top)
+        best = _kl_method_reference(ref_counts[:stop])
+        t = np.float32(best) * (top / np.float32(KL_BINS))
         r = res.ranges[name]
         assert (r.lo, r.hi) == (max(-t, v.min()), min(t, v.max())), name
         assert r.lo > v.min() or r.hi < v.max(), name  # heavy tails are clipped
 
 
+def test_kl_histogram_grows_exactly_across_batches(heavy: np.ndarray) -> None:
+    """Small values first, the largest last: the range doubles several times, and the
+    merged counts still equal one histogram over the final range."""
+    order = np.argsort(np.abs(heavy).reshape(len(heavy), -1).max(axis=1))
+    rows = heavy[order] * np.float32(1 + np.arange(100)[:, None, None] / 4)  # growing scale
+    batches = [(rows[k : k + 3],) for k in range(0, 100, 3)]
+    res = calibrate(elementwise, batches, "KL", progress=False, rows_per_device=2)
+    for name, v in elementwise_np(rows).items():
+        ref_counts, top, _ = _abs_histogram_reference(v)
+        np.testing.assert_array_equal(res.histograms[name][0], ref_counts)
+        assert res.histograms[name][2] == top
+
+
 def test_kl_on_lenet_clips_relu_tails(lenet_sites: Any, digits100: np.ndarray) -> None:
     res = calibrate(lenet_sites, [(digits100,)], "KL", progress=False)
-    counts = np.stack([res.histograms[n][0] for n in sorted(res.ranges)])
-    best = np.array([_kl_method_reference(c) for c in counts])
-    for k, name in enumerate(sorted(res.ranges)):
+    acts = {k: np.asarray(v) for k, v in jax.jit(lenet_sites)(digits100).items()}
+    for name in sorted(res.ranges):
         r = res.ranges[name]
-        t = np.float32(best[k]) * (res.histograms[name][2] / np.float32(2048))
+        counts, _, top = res.histograms[name]
+        stop = int(np.floor(max(-r.min, r.max) / (top / np.float32(KL_BINS)))) + 1
+        t = np.float32(_kl_method_reference(counts[:stop])) * (top / np.float32(KL_BINS))
         assert r.hi == min(t, r.max)
+        assert r.max == acts[name].max() or abs(r.max - acts[name].max()) <= 1e-5 * r.max
         if name != "logits":
             assert r.lo == 0.0 and r.min == 0.0  # ReLU outputs: [0, t]
         assert 0 < r.hi <= r.max

@@ -169,3 +169,21 @@ def test_balanced_search_skips_remainder_heavy_candidates() -> None:
     i = best[0]
     assert mask[i - 128]
     assert kl[0, i - 128] == np.min(np.where(mask, kl[0], np.inf))
+
+
+def test_stops_search_the_occupied_prefix() -> None:
+    """A histogram over a power-of-two range with empty top bins: stopping the search at
+    the last occupied bin is the reference search of that prefix."""
+    rng = np.random.default_rng(2)
+    x = np.abs(rng.standard_t(4, size=100_000))
+    top = 2.0 ** np.ceil(np.log2(x.max()))
+    hist = np.histogram(x, 4096, range=(0.0, top))[0]
+    stop = int(np.flatnonzero(hist)[-1]) + 1
+    assert 2048 < stop < 4096
+    best, kl = kl_divergences(hist[None], stops=np.array([stop]))
+    ref_best, ref_kl = reference_kl(hist[:stop])
+    assert best[0] == ref_best
+    assert np.isinf(kl[0, stop - NUM_LEVELS + 1 :]).all()
+    np.testing.assert_allclose(kl[0, : stop - NUM_LEVELS + 1], ref_kl, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="stops"):
+        kl_divergences(hist[None], stops=np.array([4097]))

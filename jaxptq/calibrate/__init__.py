@@ -1,9 +1,10 @@
 """Calibration: per-site activation ranges from streamed batches (MAX_MIN, KL, REMOVAL_OUTLIER).
 
-Pass 1 folds every site's min and max (and a NaN/Inf check) into running statistics,
-one jitted step per fixed-size microbatch; KL and REMOVAL_OUTLIER add a pass 2 that
-histograms each site over the range pass 1 found, then pick ranges from the histograms.
-No activation outlives its step. See docs/calibration.md.
+Every pass folds each site's statistics into running totals, one jitted step per
+fixed-size microbatch, and no activation outlives its step. MAX_MIN keeps the extremes
+(and a NaN/Inf check); KL keeps them together with a |x| histogram whose power-of-two
+range doubles as needed, in the same single pass; REMOVAL_OUTLIER histograms each site
+over the range a first min/max pass found, in a second pass. See docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -16,12 +17,26 @@ import jax
 import numpy as np
 
 from jaxptq.calibrate import sharding
-from jaxptq.calibrate.histogram import MAX_COUNT, Histogram, histogram
+from jaxptq.calibrate.histogram import (
+    MAX_COUNT,
+    AbsHistogram,
+    Histogram,
+    abs_histogram,
+    histogram,
+    merge_abs_counts,
+)
 from jaxptq.calibrate.kl import kl_divergences
-from jaxptq.calibrate.methods import KL, MaxMin, Method, RemovalOutlier, make_method
+from jaxptq.calibrate.methods import (
+    KL,
+    Histograms,
+    MaxMin,
+    Method,
+    RemovalOutlier,
+    make_method,
+)
 from jaxptq.calibrate.observers import Observer, min_max
 from jaxptq.calibrate.percentile import histogram_quantiles
-from jaxptq.calibrate.stream import ROWS_PER_DEVICE, as_batch, run_pass
+from jaxptq.calibrate.stream import ROWS_PER_DEVICE, PassResult, as_batch, run_pass
 
 __all__ = [
     "KL",
@@ -55,7 +70,8 @@ class CalibrationResult:
     """Every site's range, plus the histograms behind them (for plots)."""
 
     ranges: dict[str, ActRange]
-    # site -> (counts, range lo, range hi); KL histograms are of |x|. Empty for MAX_MIN.
+    # site -> (counts, range lo, range hi); KL's are of |x| over [0, a power of two].
+    # Empty for MAX_MIN.
     histograms: dict[str, tuple[np.ndarray, np.float32 | float, np.float32 | float]]
     num_samples: int
 
@@ -75,7 +91,7 @@ def calibrate(
 
     Rows are re-cut into microbatches of `rows_per_device` rows per device, so the
     result is bitwise the same whatever the batch sizes and however rows are split, and
-    one program is compiled per pass. KL and REMOVAL_OUTLIER need two passes: a one-shot
+    one program is compiled per pass. REMOVAL_OUTLIER needs two passes: a one-shot
     iterator is then read once into a list of host arrays (activations are never kept).
 
     Args:
@@ -84,8 +100,9 @@ def calibrate(
         batches: tuples of positional arguments (a bare array is a 1-tuple), each with a
             leading batch axis; sizes may differ between batches.
         method: "MAX_MIN" (observed extremes), "KL" (TensorRT entropy threshold on a
-            `num_bins` |x| histogram) or "REMOVAL_OUTLIER" (quantiles).
-        num_bins: KL histogram bins (128..4096).
+            |x| histogram at least as fine as `num_bins` bins over `[0, max|x|]`) or
+            "REMOVAL_OUTLIER" (quantiles).
+        num_bins: KL histogram resolution (128..2048).
         outlier_percent: REMOVAL_OUTLIER: the fraction of values dropped at EACH end
             (1e-4 keeps the 0.01 %..99.99 % quantile range).
         progress: show a tqdm bar over the batches of each pass.
@@ -113,60 +130,109 @@ def calibrate(
         raise ValueError(f"`rows_per_device` must be >= 1, got {rows_per_device}.")
     mesh = sharding.data_mesh(devices)
     spec = rule.histogram
-    if spec is not None and not isinstance(batches, Sequence):
-        batches = [as_batch(b, k) for k, b in enumerate(batches)]  # read once, two passes
-    common = dict(rows_per_device=rows_per_device, progress=progress)
+    common: dict[str, Any] = dict(rows_per_device=rows_per_device, progress=progress)
+    hists: Histograms | None = None
+    if spec is not None and spec.absolute:  # one pass: extremes and |x| counts together
+        names, mins, maxs, hists, num_rows = _abs_histogram_pass(
+            site_activations, batches, mesh, spec.num_bins, common
+        )
+    else:
+        if spec is not None and not isinstance(batches, Sequence):
+            batches = [as_batch(b, k) for k, b in enumerate(batches)]  # read once, two passes
+        observer = min_max()
+        first = run_pass(
+            site_activations,
+            observer,
+            lambda shapes: {n: observer.init() for n in shapes},
+            batches,
+            mesh,
+            desc="calibrate: min/max",
+            **common,
+        )
+        _check(first)
+        extremes = sharding.fetch_replicated(first.stats)
+        names = sorted(extremes)
+        mins = np.array([extremes[n].min for n in names], np.float32)
+        maxs = np.array([extremes[n].max for n in names], np.float32)
+        num_rows = first.num_rows
+        if spec is not None:
+            counts = _histogram_pass(
+                site_activations,
+                batches,
+                mesh,
+                spec.num_bins,
+                dict(zip(names, zip(mins, maxs, strict=True), strict=True)),
+                common,
+            )
+            hists = Histograms(np.stack([counts[n] for n in names]), mins, maxs)
+    sel_lo, sel_hi = rule.select(mins, maxs, hists)
+    ranges = {
+        n: ActRange(np.float32(sel_lo[k]), np.float32(sel_hi[k]), mins[k], maxs[k])
+        for k, n in enumerate(names)
+    }
+    histograms = {}
+    if hists is not None:
+        histograms = {
+            n: (hists.counts[k], np.float32(hists.lo[k]), np.float32(hists.hi[k]))
+            for k, n in enumerate(names)
+        }
+    return CalibrationResult(ranges, histograms, num_rows)
 
-    observer = min_max()
-    first = run_pass(
-        site_activations,
-        observer,
-        lambda shapes: {n: observer.init() for n in shapes},
-        batches,
-        mesh,
-        desc="calibrate: min/max",
-        **common,  # type: ignore[arg-type]
-    )
-    if first.num_rows == 0:
+
+def _check(result: PassResult) -> None:
+    """The errors a pass can only tell once it has seen the data."""
+    if result.num_rows == 0:
         raise ValueError(
             "calibration set is empty: `batches` gave no rows; pass at least one batch "
             "with a leading batch axis of size >= 1."
         )
-    if first.nonfinite is not None:
-        site, index = first.nonfinite
+    if result.nonfinite is not None:
+        site, index = result.nonfinite
         where = f"batch {index}" if index >= 0 else "a batch of another process"
         raise ValueError(
             f"site `{site}` produced NaN or Inf in {where}; check the model and the "
             f"calibration data (e.g. its preprocessing) for that batch."
         )
-    extremes = sharding.fetch_replicated(first.stats)
-    names = sorted(extremes)
-    mins = np.array([extremes[n].min for n in names], np.float32)
-    maxs = np.array([extremes[n].max for n in names], np.float32)
 
-    counts: np.ndarray | None = None
-    histograms: dict[str, tuple[np.ndarray, np.float32 | float, np.float32 | float]] = {}
-    if spec is not None:
-        lo, hi = spec.ranges(mins, maxs)
-        per_site = _histogram_pass(
-            site_activations,
-            batches,
-            mesh,
-            spec.num_bins,
-            spec.absolute,
-            dict(zip(names, zip(lo, hi, strict=True), strict=True)),
-            common,
-        )
-        counts = np.stack([per_site[n] for n in names])
-        histograms = {
-            n: (counts[k], np.float32(lo[k]), np.float32(hi[k])) for k, n in enumerate(names)
-        }
-    sel_lo, sel_hi = rule.select(mins, maxs, counts)
-    ranges = {
-        n: ActRange(np.float32(sel_lo[k]), np.float32(sel_hi[k]), mins[k], maxs[k])
-        for k, n in enumerate(names)
-    }
-    return CalibrationResult(ranges, histograms, first.num_rows)
+
+def _abs_histogram_pass(
+    site_fn: Callable[..., Mapping[str, jax.Array]],
+    batches: Iterable[Any],
+    mesh: jax.sharding.Mesh,
+    num_bins: int,
+    common: dict[str, Any],
+) -> tuple[list[str], np.ndarray, np.ndarray, Histograms, int]:
+    """The single KL pass: extremes and power-of-two-range |x| counts of every site."""
+    observer = abs_histogram()
+    totals: dict[str, tuple[np.ndarray, np.float32]] = {}
+
+    def drain(stats: dict[str, AbsHistogram]) -> dict[str, AbsHistogram]:
+        fresh = {}
+        for n, part in sharding.fetch_replicated(stats).items():
+            counts, top = totals.get(n, (np.zeros(num_bins, np.int64), np.float32(0)))
+            totals[n] = merge_abs_counts(counts, top, part.counts, part.top)
+            fresh[n] = part._replace(counts=np.zeros_like(part.counts))
+        return fresh
+
+    result = run_pass(
+        site_fn,
+        observer,
+        lambda shapes: {n: observer.init(num_bins) for n in shapes},
+        batches,
+        mesh,
+        desc="calibrate",
+        drain=drain,
+        drain_elements=MAX_COUNT,
+        **common,
+    )
+    _check(result)
+    last = drain(result.stats)
+    names = sorted(last)
+    mins = np.array([last[n].min for n in names], np.float32)
+    maxs = np.array([last[n].max for n in names], np.float32)
+    counts = np.stack([totals[n][0] for n in names])
+    tops = np.array([totals[n][1] for n in names], np.float32)
+    return names, mins, maxs, Histograms(counts, np.zeros_like(tops), tops), result.num_rows
 
 
 def _histogram_pass(
@@ -174,12 +240,12 @@ def _histogram_pass(
     batches: Iterable[Any],
     mesh: jax.sharding.Mesh,
     num_bins: int,
-    absolute: bool,
     bounds: dict[str, tuple[float, float]],
     common: dict[str, Any],
 ) -> dict[str, np.ndarray]:
-    """Pass 2: int32 counts on the devices, drained into int64 on the host before overflow."""
-    observer = histogram(absolute)
+    """Pass 2: x over each site's `[min, max]`; int32 counts on the devices, drained into
+    int64 on the host before they could overflow."""
+    observer = histogram(absolute=False)
     total = {n: np.zeros(num_bins, np.int64) for n in bounds}
 
     def fresh(_: Any = None) -> dict[str, Histogram]:

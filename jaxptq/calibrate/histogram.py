@@ -1,4 +1,5 @@
-"""Histogram observer over a fixed range, with exact integer counts."""
+"""Histogram observers with exact integer counts: over a fixed range, or of |x| over a
+power-of-two range that grows as larger values arrive (one pass, no range needed first)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxptq.calibrate.observers import Observer, row_mask
+from jaxptq.calibrate.observers import Observer, SiteBatch, batch_extremes, row_mask
 
 # Counts are int32, not float32: float32 counts stop being exact past 2**24, and then the
 # totals would depend on how rows were split into batches. int32 is exact to 2**31 - 1;
@@ -32,6 +33,12 @@ def histogram_stats(num_bins: int, lo: float, hi: float) -> Histogram:
     return Histogram(jnp.zeros(num_bins, COUNT_DTYPE), jnp.float32(lo32), jnp.float32(scale))
 
 
+def _count(idx: jax.Array, batch: SiteBatch, num_bins: int, axis_name: str | None) -> jax.Array:
+    weight = row_mask(batch.valid, batch.x).astype(COUNT_DTYPE)
+    counts = jnp.zeros(num_bins, COUNT_DTYPE).at[idx.astype(jnp.int32).ravel()].add(weight.ravel())
+    return counts if axis_name is None else lax.psum(counts, axis_name)
+
+
 @functools.cache  # one instance per flavour, so compiled steps keyed on it are reused
 def histogram(absolute: bool = False) -> Observer:
     """Counts of x (or |x| when `absolute`) in the bins of the range held in the stats.
@@ -45,24 +52,93 @@ def histogram(absolute: bool = False) -> Observer:
     def init(num_bins: int, lo: float, hi: float) -> Histogram:
         return histogram_stats(num_bins, lo, hi)
 
-    def update(
-        stats: Histogram, x: jax.Array, valid: jax.Array, axis_name: str | None
-    ) -> Histogram:
-        v = jnp.abs(x) if absolute else x
+    def update(stats: Histogram, batch: SiteBatch, axis_name: str | None) -> Histogram:
+        v = jnp.abs(batch.x) if absolute else batch.x
         num_bins = stats.counts.shape[0]
         idx = jnp.clip(jnp.floor((v - stats.lo) * stats.scale), 0, num_bins - 1)
-        weight = row_mask(valid, x).astype(COUNT_DTYPE)
-        counts = (
-            jnp.zeros(num_bins, COUNT_DTYPE).at[idx.astype(jnp.int32).ravel()].add(weight.ravel())
-        )
-        if axis_name is not None:
-            counts = lax.psum(counts, axis_name)
-        return stats._replace(counts=stats.counts + counts)
+        return stats._replace(counts=stats.counts + _count(idx, batch, num_bins, axis_name))
 
     def finalize(stats: Histogram) -> jax.Array:
         return stats.counts
 
     return Observer(init, update, finalize)
+
+
+class AbsHistogram(NamedTuple):
+    """|x| over `[0, top]`, plus the extremes of x that decide `top`."""
+
+    counts: jax.Array  # (num_bins,) int32
+    top: jax.Array  # float32, the smallest power of two >= every |x| so far (0: none yet)
+    min: jax.Array  # float32 observed extremes of x
+    max: jax.Array
+
+
+def _pow2_ceil(a: jax.Array) -> jax.Array:
+    """The smallest power of two >= `a` (> 0, finite), exactly; 0 for 0."""
+    mantissa, exponent = jnp.frexp(a)  # a = mantissa * 2**exponent, mantissa in [0.5, 1)
+    exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
+    return jnp.where(a > 0, jnp.ldexp(jnp.float32(1), exponent), jnp.float32(0))
+
+
+def _rebin(counts: jax.Array, shift: jax.Array) -> jax.Array:
+    """Counts over `[0, top * 2**shift]`: every `2**shift` neighbouring bins merged, exactly."""
+    target = jnp.right_shift(jnp.arange(counts.shape[0]), jnp.minimum(shift, 31))
+    return jnp.zeros_like(counts).at[target].add(counts)
+
+
+@functools.cache
+def abs_histogram() -> Observer:
+    """Counts of |x| over `[0, top]`, `top` a power of two that doubles as needed.
+
+    Why a power of two: growing the range by `2**k` merges every `2**k` bins into one
+    with no loss, and the bin of a value, `floor(|x| * (num_bins / top))`, is exact
+    float32 arithmetic (a power-of-two scale), so the final counts equal a histogram
+    taken over the final range in one go, whatever order and batches the rows came in.
+    The range is the one a first min/max pass would give, rounded up to a power of two,
+    so a second pass over the data is not needed. `top < 2 max|x|`: with twice the bins,
+    the bins are at least as fine as `num_bins / 2` bins over `[0, max|x|]`.
+    """
+
+    def init(num_bins: int) -> AbsHistogram:
+        return AbsHistogram(
+            jnp.zeros(num_bins, COUNT_DTYPE),
+            jnp.float32(0),
+            jnp.float32(jnp.inf),
+            jnp.float32(-jnp.inf),
+        )
+
+    def update(stats: AbsHistogram, batch: SiteBatch, axis_name: str | None) -> AbsHistogram:
+        lo, hi = batch_extremes(batch, axis_name)
+        new_min, new_max = jnp.minimum(stats.min, lo), jnp.maximum(stats.max, hi)
+        absmax = jnp.maximum(-new_min, new_max)
+        absmax = jnp.where(jnp.isfinite(absmax), absmax, 0.0)  # NaN/Inf: reported after
+        top = jnp.maximum(stats.top, _pow2_ceil(absmax))
+        shift = jnp.where(stats.top > 0, jnp.frexp(top)[1] - jnp.frexp(stats.top)[1], 0)
+        num_bins = stats.counts.shape[0]
+        scale = jnp.where(top > 0, jnp.float32(num_bins) / jnp.where(top > 0, top, 1), 0)
+        idx = jnp.clip(jnp.floor(jnp.abs(batch.x) * scale), 0, num_bins - 1)
+        counts = _rebin(stats.counts, shift) + _count(idx, batch, num_bins, axis_name)
+        return AbsHistogram(counts, top, new_min, new_max)
+
+    def finalize(stats: AbsHistogram) -> jax.Array:
+        return stats.counts
+
+    return Observer(init, update, finalize)
+
+
+def merge_abs_counts(
+    counts: np.ndarray, top: float, more: np.ndarray, more_top: float
+) -> tuple[np.ndarray, np.float32]:
+    """Host-side sum of two |x| histograms of the same bins, on the larger `top`."""
+    new_top = np.float32(max(top, more_top))
+
+    def lift(c: np.ndarray, t: float) -> np.ndarray:
+        if t <= 0 or t == new_top:
+            return c
+        shift = min(int(np.log2(new_top / np.float32(t))), 62)
+        return np.bincount(np.arange(c.shape[0]) >> shift, weights=c, minlength=c.shape[0])
+
+    return (lift(counts, top) + lift(more, more_top)).astype(np.int64), new_top
 
 
 def bin_centers(num_bins: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

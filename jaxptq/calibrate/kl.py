@@ -142,10 +142,15 @@ def balanced_candidates(num_bins: int, num_levels: int = NUM_LEVELS) -> np.ndarr
 
 
 @functools.partial(jax.jit, static_argnames=("num_levels", "balanced"))
-def _search(hists: jax.Array, num_levels: int, balanced: bool) -> tuple[jax.Array, jax.Array]:
+def _search(
+    hists: jax.Array, stops: jax.Array, num_levels: int, balanced: bool
+) -> tuple[jax.Array, jax.Array]:
     kl = lax.map(functools.partial(_divergences, num_levels=num_levels), hists)
+    candidates = np.arange(num_levels, hists.shape[1] + 1)
+    allowed = candidates[None, :] <= stops[:, None]
     if balanced:
-        kl = jnp.where(balanced_candidates(hists.shape[1], num_levels)[None, :], kl, jnp.inf)
+        allowed = allowed & balanced_candidates(hists.shape[1], num_levels)[None, :]
+    kl = jnp.where(allowed, kl, jnp.inf)
     # The first candidate within float noise of the minimum: exact ties (KL = 0 for
     # several candidates of a sparse histogram) then resolve as NumPy's argmin does.
     tied = kl <= jnp.min(kl, axis=1, keepdims=True) + _TIE
@@ -153,7 +158,11 @@ def _search(hists: jax.Array, num_levels: int, balanced: bool) -> tuple[jax.Arra
 
 
 def kl_divergences(
-    hists: np.ndarray, num_levels: int = NUM_LEVELS, *, balanced: bool = False
+    hists: np.ndarray,
+    num_levels: int = NUM_LEVELS,
+    *,
+    balanced: bool = False,
+    stops: np.ndarray | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Finds every histogram's KL-optimal number of bins, all histograms in one program.
 
@@ -162,6 +171,9 @@ def kl_divergences(
         num_levels: quantized levels on one side of zero (128 for int8).
         balanced: choose only among `balanced_candidates` (what `jaxptq`'s KL method
             uses); False is MXNet's search over every candidate.
+        stops: `(sites,)` the last candidate of each site (default `num_bins`); `kl`
+            is +inf past it. When the bins past it are empty (a power-of-two range
+            above the data), this is the search of `hists[s, :stops[s]]`.
 
     Returns:
         `(best, kl)`: `best[s]` is the chosen bin count `i` (threshold `i * absmax /
@@ -190,11 +202,16 @@ def kl_divergences(
         raise ValueError(f"`hists` rows {np.flatnonzero(counts.sum(axis=1) == 0)} are empty.")
     if hists.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros((0, num_bins - num_levels + 1))
+    stop = np.full(hists.shape[0], num_bins) if stops is None else np.asarray(stops, np.int64)
+    if stop.shape != (hists.shape[0],) or np.any(stop < 1) or np.any(stop > num_bins):
+        raise ValueError(f"`stops` must be (sites,) values in 1..{num_bins}, got {stop}.")
     # Pad the site count to a power of two (at least 8) with a harmless histogram, so few
     # shapes are ever compiled (a compile costs ~2 s, a padded site ~2 ms).
     sites = counts.shape[0]
     padded = np.zeros((max(8, 1 << (sites - 1).bit_length()), num_bins))
     padded[:sites], padded[sites:, 0] = counts, 1.0
+    padded_stops = np.full(padded.shape[0], num_bins, np.int64)
+    padded_stops[:sites] = stop
     with jax.enable_x64(True):
-        best, kl = _search(jnp.asarray(padded), num_levels, balanced)
+        best, kl = _search(jnp.asarray(padded), jnp.asarray(padded_stops), num_levels, balanced)
         return np.asarray(best, np.int64)[:sites], np.asarray(kl)[:sites]

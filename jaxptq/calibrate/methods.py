@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import numpy as np
 
@@ -15,15 +15,23 @@ Ranges = tuple[np.ndarray, np.ndarray]  # (lo, hi) per site, float32
 
 @dataclasses.dataclass(frozen=True)
 class HistogramSpec:
-    """The histogram a method needs in its second pass."""
+    """The histogram a method needs.
+
+    `absolute`: |x| over `[0, top]`, `top` the power of two at or above max |x|, taken in
+    the same pass as the extremes (`jaxptq.calibrate.histogram.abs_histogram`).
+    Otherwise x over `[min, max]`, in a second pass once the extremes are known.
+    """
 
     num_bins: int
-    absolute: bool  # |x| over [0, max |x|]; otherwise x over [min, max]
+    absolute: bool
 
-    def ranges(self, mins: np.ndarray, maxs: np.ndarray) -> Ranges:
-        if self.absolute:
-            return np.zeros_like(mins), np.maximum(np.abs(mins), np.abs(maxs))
-        return mins, maxs
+
+class Histograms(NamedTuple):
+    """Every site's counts and the range they cover."""
+
+    counts: np.ndarray  # (sites, num_bins) int64
+    lo: np.ndarray  # (sites,) float32 left edge of bin 0
+    hi: np.ndarray  # (sites,) float32 right edge of the last bin
 
 
 class Method(Protocol):
@@ -34,8 +42,8 @@ class Method(Protocol):
     @property
     def histogram(self) -> HistogramSpec | None: ...
 
-    def select(self, mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray | None) -> Ranges:
-        """Per-site `(lo, hi)` from observed extremes and (if any) histogram counts."""
+    def select(self, mins: np.ndarray, maxs: np.ndarray, hists: Histograms | None) -> Ranges:
+        """Per-site `(lo, hi)` from observed extremes and (if any) histograms."""
         ...
 
 
@@ -49,7 +57,7 @@ class MaxMin:
     def histogram(self) -> HistogramSpec | None:
         return None
 
-    def select(self, mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray | None) -> Ranges:
+    def select(self, mins: np.ndarray, maxs: np.ndarray, hists: Histograms | None) -> Ranges:
         return mins, maxs
 
 
@@ -57,34 +65,43 @@ class MaxMin:
 class KL:
     """TensorRT entropy calibration: the |x| threshold whose int8 image loses least (KL).
 
-    The range is `[-t, t]` narrowed to the observed `[min, max]` (so a ReLU output gets
-    `[0, t]`); see `jaxptq.calibrate.kl` for the search.
+    The histogram has `2 * num_bins` bins over a power-of-two range `[0, top]` with
+    `max|x| <= top < 2 max|x|`, so its bins are at least as fine as TensorRT's `num_bins`
+    over `[0, max|x|]`, and it is collected in the same pass as the extremes. The search
+    runs over the bins up to the one holding max|x| (see `jaxptq.calibrate.kl`). The
+    range is `[-t, t]` narrowed to the observed `[min, max]` (so a ReLU output gets
+    `[0, t]`).
     """
 
     name: ClassVar[str] = "KL"
     num_bins: int = 2048
 
     def __post_init__(self) -> None:
-        if not NUM_LEVELS <= self.num_bins <= MAX_BINS:
+        if not NUM_LEVELS <= self.num_bins <= MAX_BINS // 2:
             raise ValueError(
-                f"KL `num_bins` = {self.num_bins} is out of range {NUM_LEVELS}..{MAX_BINS}."
+                f"KL `num_bins` = {self.num_bins} is out of range {NUM_LEVELS}..{MAX_BINS // 2}."
             )
 
     @property
     def histogram(self) -> HistogramSpec | None:
-        return HistogramSpec(self.num_bins, absolute=True)
+        return HistogramSpec(2 * self.num_bins, absolute=True)
 
-    def select(self, mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray | None) -> Ranges:
-        assert counts is not None
+    def select(self, mins: np.ndarray, maxs: np.ndarray, hists: Histograms | None) -> Ranges:
+        assert hists is not None
         # Exact zeros (ReLU, padding) pile up in bin 0; merged into a level with its
         # neighbours they dominate the divergence and push the threshold down. NVIDIA's
         # pytorch-quantization entropy calibrator sets bin 0 to bin 1 for this reason.
-        counts = np.array(counts, copy=True)
+        counts = np.array(hists.counts, copy=True)
         has_more = counts[:, 1:].sum(axis=1) > 0
         counts[has_more, 0] = counts[has_more, 1]
-        best, _ = kl_divergences(counts, balanced=True)
+        bins = counts.shape[1]
+        width = (np.asarray(hists.hi, np.float32) / np.float32(bins)).astype(np.float32)
         absmax = np.maximum(np.abs(mins), np.abs(maxs)).astype(np.float32)
-        t = best.astype(np.float32) * (absmax / np.float32(self.num_bins))
+        # The bin holding max|x| is the last candidate (width is a power of two: exact).
+        last = np.floor(absmax / np.where(width > 0, width, np.float32(1)))
+        stops = np.clip(last, 0, bins - 1).astype(np.int64) + 1
+        best, _ = kl_divergences(counts, balanced=True, stops=stops)
+        t = np.where(width > 0, best.astype(np.float32) * width, np.float32(0))
         return np.maximum(-t, mins).astype(np.float32), np.minimum(t, maxs).astype(np.float32)
 
 
@@ -110,10 +127,10 @@ class RemovalOutlier:
     def histogram(self) -> HistogramSpec | None:
         return HistogramSpec(OUTLIER_BINS, absolute=False)
 
-    def select(self, mins: np.ndarray, maxs: np.ndarray, counts: np.ndarray | None) -> Ranges:
-        assert counts is not None
-        lo = histogram_quantiles(counts, mins, maxs, self.outlier_percent)
-        hi = histogram_quantiles(counts, mins, maxs, 1.0 - self.outlier_percent)
+    def select(self, mins: np.ndarray, maxs: np.ndarray, hists: Histograms | None) -> Ranges:
+        assert hists is not None
+        lo = histogram_quantiles(hists.counts, hists.lo, hists.hi, self.outlier_percent)
+        hi = histogram_quantiles(hists.counts, hists.lo, hists.hi, 1.0 - self.outlier_percent)
         return lo.astype(np.float32), hi.astype(np.float32)
 
 

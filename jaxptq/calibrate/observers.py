@@ -13,19 +13,46 @@ from jax import lax
 Stats = Any  # a pytree of arrays: one site's running statistics
 
 
+class SiteBatch(NamedTuple):
+    """One site's activation in one step, with the per-row extremes every observer shares.
+
+    Why per row: reducing each row first and masking the `(rows,)` result is one
+    vectorized pass over `x`; masking `x` itself (a broadcast `where`) before a global
+    min measured 12x slower on XLA:CPU. The row extremes also give the NaN/Inf check for
+    free, since min and max propagate NaN and show an Inf as itself.
+    """
+
+    x: jax.Array  # (rows, ...) float32
+    valid: jax.Array  # (rows,) bool: False for the padding rows of the last microbatch
+    row_min: jax.Array  # (rows,)
+    row_max: jax.Array  # (rows,)
+
+
+def site_batch(x: jax.Array, valid: jax.Array) -> SiteBatch:
+    flat = x.reshape(x.shape[0], -1)
+    # Two plain reductions: a variadic one (one read of x) measured slower on XLA:CPU.
+    row_min = jnp.min(flat, axis=1, initial=jnp.inf)
+    return SiteBatch(x, valid, row_min, jnp.max(flat, axis=1, initial=-jnp.inf))
+
+
+def nonfinite_rows(batch: SiteBatch) -> jax.Array:
+    """`(rows,)` True where a real row holds a NaN or an Inf."""
+    finite = jnp.isfinite(batch.row_min) & jnp.isfinite(batch.row_max)
+    return ~finite & batch.valid
+
+
 class Observer(NamedTuple):
     """One statistic of a site's activations, in the shape of optax's GradientTransformation.
 
-    `update(stats, x, valid, axis_name)` folds one batch `x` (leading axis: rows) into
-    `stats`, counting only rows where `valid` is true; with `axis_name` it first combines
-    the device-local parts over that mesh axis (`psum`, `pmin`, `pmax`), so it works as is
-    inside `shard_map`. Every update is an exact, associative merge (min, max, integer
-    add), which is what makes the result independent of how rows are split into batches
-    and over devices.
+    `update(stats, batch, axis_name)` folds one `SiteBatch` into `stats`, counting only
+    its valid rows; with `axis_name` it first combines the device-local parts over that
+    mesh axis (`psum`, `pmin`, `pmax`), so it works as is inside `shard_map`. Every update
+    is an exact, associative merge (min, max, integer add), which is what makes the
+    result independent of how rows are split into batches and over devices.
     """
 
     init: Callable[..., Stats]
-    update: Callable[[Stats, jax.Array, jax.Array, str | None], Stats]
+    update: Callable[[Stats, SiteBatch, str | None], Stats]
     finalize: Callable[[Stats], Any]
 
 
@@ -40,6 +67,15 @@ def row_mask(valid: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
 
 
+def batch_extremes(batch: SiteBatch, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+    """The min and max over the valid rows (of every device, with `axis_name`)."""
+    lo = jnp.min(jnp.where(batch.valid, batch.row_min, jnp.inf), initial=jnp.inf)
+    hi = jnp.max(jnp.where(batch.valid, batch.row_max, -jnp.inf), initial=-jnp.inf)
+    if axis_name is not None:
+        lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)
+    return lo, hi
+
+
 @functools.cache  # one instance, so compiled steps keyed on it are reused
 def min_max() -> Observer:
     """Observed extremes; NaN propagates into them, Inf shows as the extreme itself."""
@@ -47,12 +83,8 @@ def min_max() -> Observer:
     def init() -> MinMax:
         return MinMax(jnp.float32(jnp.inf), jnp.float32(-jnp.inf))
 
-    def update(stats: MinMax, x: jax.Array, valid: jax.Array, axis_name: str | None) -> MinMax:
-        mask = row_mask(valid, x)
-        lo = jnp.min(jnp.where(mask, x, jnp.inf), initial=jnp.inf)
-        hi = jnp.max(jnp.where(mask, x, -jnp.inf), initial=-jnp.inf)
-        if axis_name is not None:
-            lo, hi = lax.pmin(lo, axis_name), lax.pmax(hi, axis_name)
+    def update(stats: MinMax, batch: SiteBatch, axis_name: str | None) -> MinMax:
+        lo, hi = batch_extremes(batch, axis_name)
         return MinMax(jnp.minimum(stats.min, lo), jnp.maximum(stats.max, hi))
 
     def finalize(stats: MinMax) -> tuple[jax.Array, jax.Array]:

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxptq.calibrate import sharding
-from jaxptq.calibrate.observers import Observer, Stats
+from jaxptq.calibrate.observers import Observer, Stats, nonfinite_rows, site_batch
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +114,9 @@ def _local_step(
         acts = site_fn(*args)
         new, flags = {}, []
         for name in names:
-            x = jnp.asarray(acts[name], jnp.float32)
-            new[name] = observer.update(stats[name], x, valid, sharding.AXIS)
-            bad = ~jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1) & valid
-            flags.append(bad)
+            batch = site_batch(jnp.asarray(acts[name], jnp.float32), valid)
+            new[name] = observer.update(stats[name], batch, sharding.AXIS)
+            flags.append(nonfinite_rows(batch))
         # Every device's row flags, replicated: each writes its block, a psum joins them.
         local = jnp.stack(flags).astype(jnp.int32)
         block = jax.lax.axis_index(sharding.AXIS) * local.shape[1]
