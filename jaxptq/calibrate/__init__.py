@@ -170,7 +170,7 @@ def calibrate(
         n: ActRange(np.float32(sel_lo[k]), np.float32(sel_hi[k]), mins[k], maxs[k])
         for k, n in enumerate(names)
     }
-    histograms = {}
+    histograms: dict[str, tuple[np.ndarray, np.float32 | float, np.float32 | float]] = {}
     if hists is not None:
         histograms = {
             n: (hists.counts[k], np.float32(hists.lo[k]), np.float32(hists.hi[k]))

@@ -127,12 +127,12 @@ def abs_histogram() -> Observer:
 
 
 def merge_abs_counts(
-    counts: np.ndarray, top: float, more: np.ndarray, more_top: float
+    counts: np.ndarray, top: np.float32 | float, more: np.ndarray, more_top: np.float32 | float
 ) -> tuple[np.ndarray, np.float32]:
     """Host-side sum of two |x| histograms of the same bins, on the larger `top`."""
     new_top = np.float32(max(top, more_top))
 
-    def lift(c: np.ndarray, t: float) -> np.ndarray:
+    def lift(c: np.ndarray, t: np.float32 | float) -> np.ndarray:
         if t <= 0 or t == new_top:
             return c
         shift = min(int(np.log2(new_top / np.float32(t))), 62)
