@@ -28,7 +28,9 @@ def test_example_quantizes_with_small_drop(
 
 def test_onnx_classifier_example(shared_data: pathlib.Path, capsys: pytest.CaptureFixture) -> None:
     main = runpy.run_path(str(EXAMPLES / "onnx_classifier.py"))["main"]
-    result = main(["--calib", "10", "--eval", "20"])
+    model = shared_data / "models" / "efficientnet_lite0.onnx"
+    args = [str(model), "--images", str(shared_data / "imagenet"), "--calib", "10", "--eval", "20"]
+    result = main(args)
     assert result["agreement"] >= 90.0
     assert result["cosine"] >= 0.99
     assert "agreement" in capsys.readouterr().out
