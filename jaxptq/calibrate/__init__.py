@@ -245,7 +245,7 @@ def _histogram_pass(
 ) -> dict[str, np.ndarray]:
     """Pass 2: x over each site's `[min, max]`; int32 counts on the devices, drained into
     int64 on the host before they could overflow."""
-    observer = histogram(absolute=False)
+    observer = histogram()
     total = {n: np.zeros(num_bins, np.int64) for n in bounds}
 
     def fresh(_: Any = None) -> dict[str, Histogram]:

@@ -26,22 +26,15 @@ class Histogram(NamedTuple):
     scale: jax.Array  # float32 bins per unit: bin = floor((x - lo) * scale), clipped
 
 
-def histogram_stats(num_bins: int, lo: float, hi: float) -> Histogram:
-    """Empty counts over `[lo, hi]`; a zero-width range puts everything in bin 0."""
-    lo32, hi32 = np.float32(lo), np.float32(hi)
-    scale = np.float32(num_bins) / (hi32 - lo32) if hi32 > lo32 else np.float32(0)
-    return Histogram(jnp.zeros(num_bins, COUNT_DTYPE), jnp.float32(lo32), jnp.float32(scale))
-
-
 def _count(idx: jax.Array, batch: SiteBatch, num_bins: int, axis_name: str | None) -> jax.Array:
     weight = row_mask(batch.valid, batch.x).astype(COUNT_DTYPE)
     counts = jnp.zeros(num_bins, COUNT_DTYPE).at[idx.astype(jnp.int32).ravel()].add(weight.ravel())
     return counts if axis_name is None else lax.psum(counts, axis_name)
 
 
-@functools.cache  # one instance per flavour, so compiled steps keyed on it are reused
-def histogram(absolute: bool = False) -> Observer:
-    """Counts of x (or |x| when `absolute`) in the bins of the range held in the stats.
+@functools.cache  # one instance, so compiled steps keyed on it are reused
+def histogram() -> Observer:
+    """Counts of x in the bins of the range held in the stats.
 
     The range travels in the stats rather than in the program, so one compiled step
     serves every site and every calibration run. Values outside the range land in the
@@ -50,18 +43,17 @@ def histogram(absolute: bool = False) -> Observer:
     """
 
     def init(num_bins: int, lo: float, hi: float) -> Histogram:
-        return histogram_stats(num_bins, lo, hi)
+        """Empty counts over `[lo, hi]`; a zero-width range puts everything in bin 0."""
+        lo32, hi32 = np.float32(lo), np.float32(hi)
+        scale = np.float32(num_bins) / (hi32 - lo32) if hi32 > lo32 else np.float32(0)
+        return Histogram(jnp.zeros(num_bins, COUNT_DTYPE), jnp.float32(lo32), jnp.float32(scale))
 
     def update(stats: Histogram, batch: SiteBatch, axis_name: str | None) -> Histogram:
-        v = jnp.abs(batch.x) if absolute else batch.x
         num_bins = stats.counts.shape[0]
-        idx = jnp.clip(jnp.floor((v - stats.lo) * stats.scale), 0, num_bins - 1)
+        idx = jnp.clip(jnp.floor((batch.x - stats.lo) * stats.scale), 0, num_bins - 1)
         return stats._replace(counts=stats.counts + _count(idx, batch, num_bins, axis_name))
 
-    def finalize(stats: Histogram) -> jax.Array:
-        return stats.counts
-
-    return Observer(init, update, finalize)
+    return Observer(init, update)
 
 
 class AbsHistogram(NamedTuple):
@@ -120,10 +112,7 @@ def abs_histogram() -> Observer:
         counts = _rebin(stats.counts, shift) + _count(idx, batch, num_bins, axis_name)
         return AbsHistogram(counts, top, new_min, new_max)
 
-    def finalize(stats: AbsHistogram) -> jax.Array:
-        return stats.counts
-
-    return Observer(init, update, finalize)
+    return Observer(init, update)
 
 
 def merge_abs_counts(

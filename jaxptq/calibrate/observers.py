@@ -1,4 +1,4 @@
-"""Observers: per-site statistics as pure init/update/finalize functions over array pytrees."""
+"""Observers: per-site statistics as pure init/update functions over array pytrees."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def nonfinite_rows(batch: SiteBatch) -> jax.Array:
 
 
 class Observer(NamedTuple):
-    """One statistic of a site's activations, in the shape of optax's GradientTransformation.
+    """One statistic of a site's activations, a pair of pure functions like optax's
+    GradientTransformation.
 
     `update(stats, batch, axis_name)` folds one `SiteBatch` into `stats`, counting only
     its valid rows; with `axis_name` it first combines the device-local parts over that
@@ -53,7 +54,6 @@ class Observer(NamedTuple):
 
     init: Callable[..., Stats]
     update: Callable[[Stats, SiteBatch, str | None], Stats]
-    finalize: Callable[[Stats], Any]
 
 
 class MinMax(NamedTuple):
@@ -87,7 +87,4 @@ def min_max() -> Observer:
         lo, hi = batch_extremes(batch, axis_name)
         return MinMax(jnp.minimum(stats.min, lo), jnp.maximum(stats.max, hi))
 
-    def finalize(stats: MinMax) -> tuple[jax.Array, jax.Array]:
-        return stats.min, stats.max
-
-    return Observer(init, update, finalize)
+    return Observer(init, update)
