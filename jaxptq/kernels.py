@@ -93,8 +93,6 @@ def _quantize_act(x: Any, inv_scale: Any, zero_point: int) -> Any:
 def _pad_with_zero_point(site: Site, x_q: Any, zero_point: int) -> tuple[Any, dict[str, Any]]:
     """Pads with the zero point's code, so padding means float 0 as in the float conv."""
     params = dict(site.node.params)
-    if site.primitive != "conv_general_dilated" or zero_point == 0:
-        return x_q, params
     lhs_spec = params["dimension_numbers"][0]
     config = [(0, 0, 0)] * x_q.ndim
     for axis, (lo, hi) in zip(lhs_spec[2:], params["padding"], strict=True):
@@ -103,15 +101,59 @@ def _pad_with_zero_point(site: Site, x_q: Any, zero_point: int) -> tuple[Any, di
     return lax.pad(x_q, jnp.int8(zero_point), config), params
 
 
+def conv_zero_point_covered(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
+    """`sum_k (x_q - zp) w_q` with the convolution's own zero padding: the term sums
+    `zp * w_q` over the window positions on real input only (a batch-1 all-ones image)."""
+    params = dict(site.node.params)
+    batch_axis = params["dimension_numbers"][0][0]
+    shape = tuple(1 if a == batch_axis else d for a, d in enumerate(x_q.shape))
+    real = _bind_int(site, jnp.ones(shape, jnp.int8), args["q"], params)
+    acc = _bind_int(site, x_q, args["q"], params)
+    return acc.astype(jnp.float32) - jnp.float32(zero_point) * real.astype(jnp.float32)
+
+
+def conv_zero_point_padded(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
+    """`sum_k (x_q - zp) w_q` with the input padded by the code `zp` and the per-channel
+    term `zp * sum w_q` subtracted in int32."""
+    x_padded, params = _pad_with_zero_point(site, x_q, zero_point)
+    acc = _bind_int(site, x_padded, args["q"], params)
+    return (acc - args["zp_term"]).astype(jnp.float32)
+
+
+def _conv_minus_zero_point(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
+    """`sum_k (x_q - zp) w_q` of a padded convolution, as float32.
+
+    Padding means float 0, which is the code `zp`. XLA:CPU gets the input padded with
+    `zp`. XLA:GPU cannot take that: the padded VALID convolution (LeNet's 5x5 SAME conv
+    on a 4x4 map) becomes a cuDNN backward-filter call with no integer kernel, so there
+    the convolution keeps its own padding (`conv_zero_point_covered`). Both give the same
+    integers; the float32 values agree while |acc| < 2**24 (tested bit for bit).
+    Transposed convolutions never get here: their activations are symmetric
+    (`passes.full._needs_symmetric`).
+    """
+    return lax.platform_dependent(
+        cpu=lambda: conv_zero_point_padded(site, x_q, args, zero_point),
+        default=lambda: conv_zero_point_covered(site, x_q, args, zero_point),
+    )
+
+
 def static_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:
     assert plan.act_zero_point is not None
     x = vals[1 - site.weight_index]
     x_q = _quantize_act(x, args["inv_scale"], plan.act_zero_point)
-    x_q, params = _pad_with_zero_point(site, x_q, plan.act_zero_point)
-    acc = _bind_int(site, x_q, args["q"], params)
-    if "zp_term" in args:
-        acc = acc - args["zp_term"]
-    y = acc.astype(jnp.float32) * args["out_scale"]
+    params = dict(site.node.params)
+    padded_conv = site.primitive == "conv_general_dilated" and any(
+        p != (0, 0) for p in params["padding"]
+    )
+    if padded_conv and "zp_term" in args:
+        y = _conv_minus_zero_point(site, x_q, args, plan.act_zero_point)
+    else:
+        acc = _bind_int(site, x_q, args["q"], params)
+        if "zp_term" in args:
+            # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
+            acc = acc - args["zp_term"]
+        y = acc.astype(jnp.float32)
+    y = y * args["out_scale"]
     if "bias" in args:
         y = y + args["bias"]
     return y.astype(site.node.outputs[0].aval.dtype)

@@ -12,7 +12,9 @@ import pytest
 from flax import linen as nn
 
 import jaxptq
+from jaxptq import kernels
 from jaxptq.models import digits
+from jaxptq.probe import site_inputs
 from tests.digits_fixtures import site_operand_dtypes
 
 ALL_SITES = {"min_quant_weight_channel": 0}
@@ -101,7 +103,9 @@ def test_full_quant_sites_are_int8_in_jaxpr_and_stablehlo(
     plan = full_lenet.plan
     assert [s.name for s in plan.sites] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     dtypes = site_operand_dtypes(full_lenet, x)
-    assert len(dtypes) == 5 and all(d[1:] == ("int8", "int8") for d in dtypes)
+    # The jaxpr holds the XLA:CPU and XLA:GPU forms of the two padded convs (lax.
+    # platform_dependent: 1 + 2 convolutions each); lowering keeps one form.
+    assert len(dtypes) == 3 + 2 * 3 and all(d[1:] == ("int8", "int8") for d in dtypes)
     text = full_lenet.lower(x).as_text()
     int_convs = [
         ln
@@ -122,7 +126,8 @@ def test_skipped_site_stays_float(lenet: Any, calib: Any, digits_data: Any) -> N
     qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "skip_quant_node": ["fc3"]})
     assert qfn.plan["fc3"].skip_reason == "listed in skip_quant_node"
     dtypes = site_operand_dtypes(qfn, digits_data[2][:4])
-    assert [d[1] for d in dtypes] == ["int8"] * 4 + ["float32"]
+    # fc3 last; the padded convs appear in their CPU and GPU forms (see above)
+    assert [d[1] for d in dtypes] == ["int8"] * (2 * 3 + 2) + ["float32"]
 
 
 def test_jit_and_vmap(full_lenet: Any, digits_data: Any) -> None:
@@ -217,6 +222,30 @@ def test_conv_integer_accumulator_is_exact() -> None:
             )
     expected = acc.astype(np.float32) * (np.float32(site.act_scale) * site.weight_scale.reshape(-1))
     np.testing.assert_allclose(np.asarray(qfn(x)), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_gpu_and_cpu_zero_point_conv_forms_agree_bit_for_bit(
+    lenet: Any, calib: Any, digits_data: Any
+) -> None:
+    """XLA:GPU's form of a padded zero-point conv (own padding, term over the real window
+    positions) equals XLA:CPU's (input padded with the zero point) on LeNet's SAME convs."""
+    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "bias_correction": False})
+    x = jnp.asarray(digits_data[2][:32])
+    graph = qfn._graphs.get((x,))
+    names = [s.name for s in graph.sites]
+    inputs = site_inputs(qfn._graphs, jax.tree_util.tree_structure((x,)), names)(x)
+    checked = 0
+    for site, plan in zip(graph.sites, qfn.plan.sites, strict=True):
+        if site.primitive != "conv_general_dilated":
+            continue
+        assert plan.act_zero_point != 0 and site.node.params["padding"] != ((0, 0), (0, 0))
+        args = kernels.static_args(plan, site)
+        x_q = kernels._quantize_act(inputs[site.name], args["inv_scale"], plan.act_zero_point)
+        gpu = kernels.conv_zero_point_covered(site, x_q, args, plan.act_zero_point)
+        cpu = kernels.conv_zero_point_padded(site, x_q, args, plan.act_zero_point)
+        np.testing.assert_array_equal(np.asarray(gpu), np.asarray(cpu))
+        checked += 1
+    assert checked == 2
 
 
 # --- tracing: names, folding, sub-jaxprs ----------------------------------------------------
@@ -330,8 +359,9 @@ def test_site_names_survive_vmap() -> None:
     assert [s.name for s in qfn.plan.sites] == ["layer"]
 
 
-def test_first_call_inside_jit_and_vmap_caches_no_tracer(lenet: Any, calib: Any,
-                                                         digits_data: Any) -> None:
+def test_first_call_inside_jit_and_vmap_caches_no_tracer(
+    lenet: Any, calib: Any, digits_data: Any
+) -> None:
     qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "bias_correction": False})
     rows = jax.jit(jax.vmap(lambda r: qfn(r[None])[0]))  # per-row shapes: a new graph
     x = digits_data[2][:8]
