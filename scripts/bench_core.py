@@ -17,6 +17,7 @@ import argparse
 import os
 import pathlib
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +79,18 @@ def paired_latency_ms(
             jax.block_until_ready(f(x))
             times.append(time.perf_counter() - start)
     return float(np.median(ref_times) * 1e3), float(np.median(fn_times) * 1e3)
+
+
+def compiled_int8_ops(fn: Callable[[Any], Any], x: Any) -> int:
+    """Dots, convolutions and library calls with an `s8` operand in XLA's optimized HLO: the
+    integer arithmetic the backend really runs (on GPU, cuDNN/cuBLAS custom calls)."""
+    text = jax.jit(lambda v: fn(v)).lower(x).compile().as_text()
+    dtypes = dict(re.findall(r"%([\w.\-]+) = \(?(\w+)\[", text))
+    calls = re.findall(r"\b(?:convolution|dot|custom-call)\(([^)]*)\)", text)
+    return sum(
+        any(dtypes.get(name) == "s8" for name in re.findall(r"%([\w.\-]+)", operands))
+        for operands in calls
+    )
 
 
 def cosine(a: Any, b: Any) -> float:
@@ -144,7 +157,13 @@ def top1(fn: Callable[[Any], Any], data: tuple[np.ndarray, np.ndarray]) -> float
     return float(np.mean(preds == y) * 100)
 
 
-def run_case(label: str, case: dict[str, Any], repeats: int) -> None:
+def run_case(
+    label: str,
+    case: dict[str, Any],
+    repeats: int,
+    target_device: str | None = None,
+    modes: list[str] | None = None,
+) -> None:
     fn = case["fn"]
     rows = case["rows"]
     float_xla = batched(jax.jit(fn), rows) if rows else jax.jit(fn)
@@ -153,10 +172,14 @@ def run_case(label: str, case: dict[str, Any], repeats: int) -> None:
     qfns: dict[str, Any] = {}
     plan_time: dict[str, float] = {}
     for mode, config in MODES.items():
+        if modes and mode not in modes:
+            continue
+        if config["quant_type"] == "FULL_QUANT" and target_device:
+            config = {**config, "target_device": target_device}
         start = time.perf_counter()
         qfns[mode] = jaxptq.ptq(fn, case["calib"], config)
         plan_time[mode] = time.perf_counter() - start
-    any_q = qfns["FULL MAX_MIN"]
+    any_q = next(iter(qfns.values()))
     float_rewrite = with_reverted_sites(any_q, [s.name for s in any_q.plan.sites], "float")
     total_before = any_q.plan.weight_bytes()[0]
     results.append(base)
@@ -168,21 +191,22 @@ def run_case(label: str, case: dict[str, Any], repeats: int) -> None:
     print(f"\n### {label}\n")
     print(
         "| program | batch 1 ms | x fp32 | batch 32 ms | x fp32 | weight bytes | int8 sites "
-        "| accuracy | cosine vs fp32 | ptq s |"
+        "| i8 ops compiled | accuracy | cosine vs fp32 | ptq s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ref1, ms1 = paired_latency_ms(ref_fn, r["fn"], case["x1"], repeats)
         ref32, ms32 = paired_latency_ms(ref_fn, r["fn"], case["x32"], max(3, repeats // 3))
         plan = r.get("plan")
         weight_bytes = plan.weight_bytes()[1] if plan else total_before
         int8_sites = sum(s.int8_compute for s in plan.sites) if plan else 0
+        int8_ops = compiled_int8_ops(r["fn"], case["x32"])
         acc = f"{top1(r['fn'], case['eval']):.2f}" if case["eval"] else "-"
         cos = cosine(y_ref, r["fn"](case["x32"]))
         ptq_s = f"{plan_time[r['name']]:.1f}" if r["name"] in plan_time else "-"
         print(
             f"| {r['name']} | {ms1:.2f} | {ref1 / ms1:.2f} | {ms32:.1f} | {ref32 / ms32:.2f} "
-            f"| {weight_bytes:,} | {int8_sites} | {acc} | {cos:.5f} | {ptq_s} |"
+            f"| {weight_bytes:,} | {int8_sites} | {int8_ops} | {acc} | {cos:.5f} | {ptq_s} |"
         )
 
 
@@ -192,7 +216,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--eval-photos", type=int, default=900)
+    parser.add_argument(
+        "--target-device",
+        choices=["CPU", "NVGPU", "none"],
+        default=None,
+        help="FULL_QUANT's target_device (default: NVGPU on a GPU, none elsewhere)",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", choices=list(MODES), default=None, help="default: every mode"
+    )
     args = parser.parse_args(argv)
+    target = args.target_device or ("NVGPU" if jax.default_backend() == "gpu" else "none")
+    target_device = None if target == "none" else target
     print(
         f"jaxptq bench_core: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}, "
@@ -200,12 +235,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "x fp32 = fp32 (jaxptq graph) time / this program's time, timed alternately; > 1 is faster."
+        f" FULL_QUANT target_device: {target_device}."
     )
     for name in args.models:
         if name in digits.MODELS:
-            run_case(f"{name} (digits, 359 test images)", digits_case(name), args.repeats)
+            run_case(
+                f"{name} (digits, 359 test images)",
+                digits_case(name),
+                args.repeats,
+                target_device,
+                args.modes,
+            )
         elif name == "convnet":
-            run_case("convnet (32x32x3, random weights)", convnet_case(), args.repeats)
+            run_case(
+                "convnet (32x32x3, random weights)",
+                convnet_case(),
+                args.repeats,
+                target_device,
+                args.modes,
+            )
         elif name == "effnet":
             if not (args.data / "models" / "efficientnet_lite0.onnx").is_file():
                 print(f"\n(skipping effnet: {args.data} has no models/efficientnet_lite0.onnx)")
@@ -215,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"EfficientNet-Lite0 (ONNX, {len(case['eval'][1])} photos)",
                 case,
                 max(3, args.repeats // 5),
+                target_device,
+                args.modes,
             )
 
 
