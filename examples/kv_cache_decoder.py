@@ -54,9 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
     results: dict[str, dict[str, float]] = {}
     for granularity in ("PER_TOKEN_HEAD", "PER_CHANNEL"):
-        cache = kv_cache_from_config(
-            QuantConfig.create(kv_enable=True, kv_granularity=granularity)
-        )
+        cache = kv_cache_from_config(QuantConfig.create(kv_enable=True, kv_granularity=granularity))
         scales = td.calibrate_kv_scales(model, calib) if granularity == "PER_CHANNEL" else None
         logits = td.teacher_forced_logits(model, cache, held, scales)
         gen = np.asarray(td.greedy_generate(model, cache, prompts, gen_steps, scales))
@@ -72,9 +70,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
             f"{name:<16}{r['memory_ratio']:>14.1%}{r['agreement']:>14.2%}"
             f"{r['generation_match']:>11.1%}"
         )
-    print(
-        f"over {held.size} teacher-forced positions; total {time.perf_counter() - start:.1f}s"
-    )
+    print(f"over {held.size} teacher-forced positions; total {time.perf_counter() - start:.1f}s")
     return results
 
 

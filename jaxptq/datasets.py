@@ -89,6 +89,7 @@ def load_mnist_5k(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(path, "rt") as f:
         data = np.loadtxt(f, delimiter=",", dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 785:
-        raise ValueError(f"{path}: expected rows of 785 values (784 pixels + label), "
-                         f"got shape {data.shape}")
+        raise ValueError(
+            f"{path}: expected rows of 785 values (784 pixels + label), got shape {data.shape}"
+        )
     return data[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28), data[:, 784]

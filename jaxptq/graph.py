@@ -257,6 +257,7 @@ def bind(node: Node, vals: Sequence[Any]) -> list[Any]:
     result = node.primitive.bind(*vals, **node.params)
     return list(result) if node.primitive.multiple_results else [result]
 
+
 # Faster lowerings of float primitives that XLA:CPU runs slowly (see jaxptq.depthwise).
 FAST_RULES: dict[Any, Callable[..., Any]] = {lax.conv_general_dilated_p: depthwise.conv}
 

@@ -216,8 +216,10 @@ def _weight_quant_param(
                 )
         elif key == "bias_correction":
             _warn_when_on(
-                where, entry, "has no equivalent in jaxptq (weight-only quantization has no "
-                "bias correction); ignored."
+                where,
+                entry,
+                "has no equivalent in jaxptq (weight-only quantization has no "
+                "bias correction); ignored.",
             )
         else:  # per_channel: the weight pass reads [full_quant_param] per_channel
             try:
@@ -251,8 +253,9 @@ def _full_quant_extra(key: str, entry: _Entry, source: str) -> bool:
         return False
     where = f"{source}:{entry.line}: [full_quant_param] `enable_all_ops`"
     _warn_when_on(
-        where, entry, "is a MindSpore Micro setting; jaxptq quantizes every supported site "
-        "anyway. Ignored."
+        where,
+        entry,
+        "is a MindSpore Micro setting; jaxptq quantizes every supported site anyway. Ignored.",
     )
     return True
 

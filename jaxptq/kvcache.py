@@ -248,9 +248,7 @@ def merge_amax(a: Sequence[ChannelScales], b: Sequence[ChannelScales]) -> list[C
     return [ChannelScales(*jax.tree.map(jnp.maximum, x, y)) for x, y in zip(a, b, strict=True)]
 
 
-def calibrate_channel_scales(
-    amax: Sequence[ChannelScales], bits: int = 8
-) -> list[ChannelScales]:
+def calibrate_channel_scales(amax: Sequence[ChannelScales], bits: int = 8) -> list[ChannelScales]:
     """PER_CHANNEL scales from calibrated maxima: the maximum maps to the largest code."""
     return [ChannelScales(*(jnp.maximum(m / qmax(bits), _MIN_SCALE) for m in a)) for a in amax]
 

@@ -72,8 +72,9 @@ def test_lenet_full_quant_every_target_and_form(lenet_full, digits_data, tmp_pat
     counts = ops(path)
     if form == "qdq":
         assert counts["QuantizeLinear"] >= 5 and counts["Conv"] == 2 and counts["MatMul"] == 3
-        weights = [t for t in onnx.load(str(path)).graph.initializer if t.name.endswith(
-            "_W_quantized")]
+        weights = [
+            t for t in onnx.load(str(path)).graph.initializer if t.name.endswith("_W_quantized")
+        ]
         assert len(weights) == 5 and all(t.data_type == TensorProto.INT8 for t in weights)
     else:
         assert counts["ConvInteger"] + counts["QLinearConv"] == 2
@@ -86,8 +87,11 @@ def test_lenet_full_quant_every_target_and_form(lenet_full, digits_data, tmp_pat
         assert all(numpy_helper.to_array(t) == 0 for t in zps)
     # QDQ: an int32 bias where the target asks for it. QOperator: QLinearConv always takes
     # one; ConvInteger/MatMulInteger add a float bias after the rescale.
-    int32_bias = [t for t in onnx.load(str(path)).graph.initializer
-                  if t.data_type == TensorProto.INT32 and "_B_" in t.name]
+    int32_bias = [
+        t
+        for t in onnx.load(str(path)).graph.initializer
+        if t.data_type == TensorProto.INT32 and "_B_" in t.name
+    ]
     if form == "qdq":
         assert bool(int32_bias) == (target in ("DSP", "ASCEND"))
     else:
@@ -122,8 +126,11 @@ def test_lenet_weight_quant_4bit_is_int4_and_small(lenet, calib, digits_data, tm
     got = ort_run(path, x, **{"session.qdq_matmulnbits_accuracy_level": "0"})
     check_agreement(qfn(x), got, cos_min=0.99999)
     float_path = tmp_path / "lenet_f32.onnx"
-    float_qfn = ptq(lenet, calib, {"quant_type": "WEIGHT_QUANT", "skip_quant_node": [
-        s.name for s in qfn.plan.sites]})
+    float_qfn = ptq(
+        lenet,
+        calib,
+        {"quant_type": "WEIGHT_QUANT", "skip_quant_node": [s.name for s in qfn.plan.sites]},
+    )
     export_onnx(float_qfn, float_path, x)
     assert os.path.getsize(path) < 0.2 * os.path.getsize(float_path)
 
@@ -225,8 +232,10 @@ def test_imported_model_keeps_nodes_and_names(convnet, tmp_path, form):
         w = next(t for t in model.graph.initializer if t.name == dq.input[0])
         assert tuple(w.dims) == (10, 16) and helper.get_attribute_value(dq.attribute[0]) == 0
     else:
-        assert names["conv_a"] == "QLinearConv" and names["conv_b"] in ("QLinearConv",
-                                                                         "ConvInteger")
+        assert names["conv_a"] == "QLinearConv" and names["conv_b"] in (
+            "QLinearConv",
+            "ConvInteger",
+        )
         assert names["head"] == "MatMulInteger"
     assert [i.name for i in model.graph.input] == ["x"]
     assert [o.name for o in model.graph.output] == ["y"]
@@ -313,12 +322,19 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
     xc = datasets.load_imagenet_images(calib_files[:10])
     xe = datasets.load_imagenet_images(eval_files[:20])
     fn = import_onnx(src)
-    qfn = ptq(fn, [xc[i : i + 1] for i in range(len(xc))],
-              {"quant_type": "FULL_QUANT", "target_device": "CPU"})
+    qfn = ptq(
+        fn,
+        [xc[i : i + 1] for i in range(len(xc))],
+        {"quant_type": "FULL_QUANT", "target_device": "CPU"},
+    )
     want = np.concatenate([np.asarray(qfn(xe[i : i + 1])) for i in range(len(xe))])
     # CPU, DSP and ASCEND share the plan (asymmetric activations); NVGPU is LeNet's test.
-    for target, form in [("CPU", "qdq"), ("CPU", "qoperator"), ("DSP", "qdq"),
-                         ("ASCEND", "qoperator")]:
+    for target, form in [
+        ("CPU", "qdq"),
+        ("CPU", "qoperator"),
+        ("DSP", "qdq"),
+        ("ASCEND", "qoperator"),
+    ]:
         path = export_onnx(qfn, tmp_path / f"effnet_{form}.onnx", target=target, form=form)
         assert os.path.getsize(path) <= 0.27 * os.path.getsize(src)
         got = np.concatenate([ort_run(path, xe[i : i + 1]) for i in range(len(xe))])
@@ -330,8 +346,12 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
     qfn4 = ptq(fn, [xc[:1]], {"quant_type": "WEIGHT_QUANT", "bit_num": 4})
     path4 = export_onnx(qfn4, tmp_path / "effnet_w4.onnx")
     assert os.path.getsize(path4) <= 0.16 * os.path.getsize(src)
-    got4 = np.concatenate([ort_run(path4, xe[i : i + 1], **{
-        "session.qdq_matmulnbits_accuracy_level": "0"}) for i in range(4)])
+    got4 = np.concatenate(
+        [
+            ort_run(path4, xe[i : i + 1], **{"session.qdq_matmulnbits_accuracy_level": "0"})
+            for i in range(4)
+        ]
+    )
     want4 = np.concatenate([np.asarray(qfn4(xe[i : i + 1])) for i in range(4)])
     check_agreement(want4, got4, cos_min=0.9999, top1=1.0)
 

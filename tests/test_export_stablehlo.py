@@ -20,8 +20,7 @@ def _int_ops(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("quant_type", ["FULL_QUANT", "DYNAMIC_QUANT"])
-def test_lenet_integer_program_reloads_bit_for_bit(lenet, calib, digits_data, tmp_path,
-                                                   quant_type):
+def test_lenet_integer_program_reloads_bit_for_bit(lenet, calib, digits_data, tmp_path, quant_type):
     qfn = ptq(lenet, calib, {"quant_type": quant_type})
     x = digits_data[2][:64]
     path = export_stablehlo(qfn, tmp_path / "lenet.shlo", x)
@@ -36,15 +35,17 @@ def test_lenet_integer_program_reloads_bit_for_bit(lenet, calib, digits_data, tm
 
 
 def test_packed_4bit_weights_stay_packed(lenet, calib, digits_data, tmp_path):
-    qfn = ptq(lenet, calib, {"quant_type": "WEIGHT_QUANT", "bit_num": 4,
-                             "min_quant_weight_channel": 0})
+    qfn = ptq(
+        lenet, calib, {"quant_type": "WEIGHT_QUANT", "bit_num": 4, "min_quant_weight_channel": 0}
+    )
     x = digits_data[2][:16]
     path = export_stablehlo(qfn, tmp_path / "lenet4.npz", x)
     loaded = load_stablehlo(path)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(qfn(x)))
     with np.load(path, allow_pickle=False) as npz:
-        packed = sorted(npz[k].size for k in npz.files
-                        if k.startswith("p") and npz[k].dtype == np.uint8)
+        packed = sorted(
+            npz[k].size for k in npz.files if k.startswith("p") and npz[k].dtype == np.uint8
+        )
     want = sorted(qmath.packed_size(sp.weight_elements, 4) for sp in qfn.plan.quantized_sites)
     assert packed == want  # two weights a byte, nothing unpacked alongside
     text = loaded.mlir_module()

@@ -113,9 +113,7 @@ def _write_read(cache, state, k, v):
     return state, cache.read(state)
 
 
-_kv = hnp.arrays(
-    np.float32, SHAPE, elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=True)
-)
+_kv = hnp.arrays(np.float32, SHAPE, elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=True))
 
 
 def _assert_within_half_scale(read, x, scale):
@@ -191,9 +189,7 @@ def test_int8_cache_memory_at_most_30_percent(trained, channel_scales, granulari
     d = trained.cfg.head_dim
     # int8 codes plus one float32 scale per token and head, or one per layer channel.
     expected = (
-        (d + 4) / (4 * d)
-        if granularity == "PER_TOKEN_HEAD"
-        else 0.25 + 1 / trained.cfg.max_len
+        (d + 4) / (4 * d) if granularity == "PER_TOKEN_HEAD" else 0.25 + 1 / trained.cfg.max_len
     )
     assert ratio == pytest.approx(expected) and ratio <= 0.30
 
@@ -216,9 +212,7 @@ def test_greedy_generation_matches_float(trained, held, channel_scales, granular
     scales = _scales_for(granularity, channel_scales)
     prompts, steps = held[:, :32], 32  # the shape of `held`: reuses its compiled scan
     ref = np.asarray(td.greedy_generate(trained, FloatKVCache(), prompts, steps))
-    gen = np.asarray(
-        td.greedy_generate(trained, QuantKVCache(granularity), prompts, steps, scales)
-    )
+    gen = np.asarray(td.greedy_generate(trained, QuantKVCache(granularity), prompts, steps, scales))
     # A near-tie flip changes the rest of its continuation; measured 97% (PER_TOKEN_HEAD)
     # and 90% (PER_CHANNEL) of the 36 x 32 generated tokens equal the float ones.
     assert np.mean(gen == ref) >= 0.8, td.decode(gen[np.argmin((gen == ref).mean(1))])

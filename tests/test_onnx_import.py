@@ -41,8 +41,9 @@ def conv_model(opset: int = 13, batch: int | str = 1) -> onnx.ModelProto:
     w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     fc = numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32), "fc")
     nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c"], name="conv1", pads=[1, 1, 1, 1],
-                         strides=[2, 2]),
+        helper.make_node(
+            "Conv", ["x", "w"], ["c"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
         helper.make_node("Relu", ["c"], ["r"], name="relu1"),
         helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc1", transB=1),
@@ -50,8 +51,7 @@ def conv_model(opset: int = 13, batch: int | str = 1) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])
     graph = helper.make_graph(nodes, "convnet", [x], [y], initializer=[w, fc])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                             ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
 # ---------------------------------------------------------------- real models (shared data)
@@ -70,8 +70,8 @@ def test_efficientnet_lite0_matches_onnxruntime_on_photos(effnet, shared_data):
     x = datasets.load_imagenet_images(files)
     assert x.shape == (4, 3, 224, 224) and x.dtype == np.float32
     jitted = jax.jit(fn)
-    got = np.concatenate([np.asarray(jitted(x[i:i + 1])) for i in range(len(x))])
-    want = np.concatenate([ort_run(path, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([np.asarray(jitted(x[i : i + 1])) for i in range(len(x))])
+    want = np.concatenate([ort_run(path, {"input": x[i : i + 1]})[0] for i in range(len(x))])
     assert_rel_close(got, want, 1e-4)
     assert (got.argmax(1) == want.argmax(1)).all()
     # The photos are real: the float model gets most of them right.
@@ -139,8 +139,11 @@ def test_api_attributes_dynamic_batch_and_jit():
 def test_several_outputs_come_back_as_a_tuple():
     node = helper.make_node("Split", ["x"], ["a", "b"], name="split", axis=1)
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_empty_tensor_value_info("a"), helper.make_empty_tensor_value_info("b")])
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_empty_tensor_value_info("a"), helper.make_empty_tensor_value_info("b")],
+    )
     fn = import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     a, b = jax.jit(fn)(x)
@@ -182,18 +185,25 @@ def test_unsupported_ops_reported_together_before_running():
         helper.make_node("FancyOp", ["r"], ["f"], name="fancy", domain="com.example"),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_empty_tensor_value_info("v1")],
-        initializer=[numpy_helper.from_array(np.array([2], np.int64), "k")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.example", 1)])
+        initializer=[numpy_helper.from_array(np.array([2], np.int64), "k")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     with pytest.raises(UnsupportedOnnxError) as info:
         import_onnx(model)
     err = info.value
     assert isinstance(err, NotImplementedError)
     assert err.opset == 17
-    assert err.ops == {"TopK": ["topk_a", "topk_b"], "NonZero": ["NonZero_3"],
-                       "com.example::FancyOp": ["fancy"]}
+    assert err.ops == {
+        "TopK": ["topk_a", "topk_b"],
+        "NonZero": ["NonZero_3"],
+        "com.example::FancyOp": ["fancy"],
+    }
     for text in ("opset 17", "TopK (nodes: topk_a, topk_b)", "NonZero_3", "FancyOp", "fancy"):
         assert text in str(err)
 
@@ -225,9 +235,12 @@ def test_call_inputs_checked_against_declared():
 def test_node_failure_names_node_and_op():
     nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="bad_reshape")]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_empty_tensor_value_info("y")],
-        initializer=[numpy_helper.from_array(np.array([4, -1], np.int64), "s")])
+        initializer=[numpy_helper.from_array(np.array([4, -1], np.int64), "s")],
+    )
     fn = import_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     with pytest.raises(OnnxNodeError, match=r"`bad_reshape` \(Reshape\)") as info:
         jax.jit(fn)(np.zeros((2, 3), np.float32))
@@ -239,8 +252,14 @@ def _save_external(model: onnx.ModelProto, folder: pathlib.Path) -> pathlib.Path
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     path = folder / "model.onnx"
-    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     return path
 
 
@@ -262,8 +281,7 @@ def test_external_data_inside_folder_loads(tmp_path):
     proto = onnx.load(str(path), load_external_data=False)
     with pytest.raises(OnnxImportError, match="base_dir"):
         import_onnx(proto)
-    assert_rel_close(import_onnx(proto, base_dir=path.parent)(x), ort_run(model, {"x": x})[0],
-                     1e-5)
+    assert_rel_close(import_onnx(proto, base_dir=path.parent)(x), ort_run(model, {"x": x})[0], 1e-5)
 
 
 def test_external_data_outside_folder_is_refused(tmp_path):
@@ -343,7 +361,7 @@ def test_rapidocr_detector_finds_rendered_text(ocr_models):
     assert_rel_close(got, want, 1e-4)
     prob = got[0, 0]
     inside = np.zeros(prob.shape, bool)
-    inside[box[1]:box[3], box[0]:box[2]] = True
+    inside[box[1] : box[3], box[0] : box[2]] = True
     assert prob[inside].mean() > 0.25 and prob[~inside].max() < 0.01
 
 
@@ -370,14 +388,19 @@ def test_magika_content_types_of_real_files(tmp_path):
     packed.write_bytes(gzip.compress((root / "pyproject.toml").read_bytes()))
     png = tmp_path / "noise.png"
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png)
-    files = {root / "jaxptq" / "datasets.py": "python", root / "pyproject.toml": "toml",
-             photo: "jpeg", packed: "gzip", png: "png"}
+    files = {
+        root / "jaxptq" / "datasets.py": "python",
+        root / "pyproject.toml": "toml",
+        photo: "jpeg",
+        packed: "gzip",
+        png: "png",
+    }
     magika = Magika()
     cfg = magika._model_config
     rows = []
     for f in files:
         _, feats = magika._get_result_or_features_from_path(f)
-        rows.append(feats.beg[: cfg.beg_size] + feats.end[-cfg.end_size:])
+        rows.append(feats.beg[: cfg.beg_size] + feats.end[-cfg.end_size :])
     x = np.asarray(rows, np.int32)
     fn = import_onnx(magika._model_path)
     got = np.asarray(jax.jit(fn)(x))

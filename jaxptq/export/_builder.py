@@ -101,7 +101,6 @@ class GraphBuilder:
         if zero_point:
             inputs.append(self.const(f"{base}_zero_point", np.zeros(np.shape(scale), q.dtype)))
         attrs = {} if axis is None else {"axis": int(axis)}
-        node, (out,) = self.node("DequantizeLinear", inputs, f"{base}_DequantizeLinear",
-                                 **attrs)
+        node, (out,) = self.node("DequantizeLinear", inputs, f"{base}_DequantizeLinear", **attrs)
         nodes.append(node)
         return out

@@ -196,5 +196,15 @@ def make_context(
         for x in n.input:
             consumers.setdefault(x, []).append(n)
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    return Ctx(model, refs, target, form, GraphBuilder.for_graph(graph), _constants(graph),
-               consumers, {o.name for o in graph.output}, opset, extra=dict(extra or {}))
+    return Ctx(
+        model,
+        refs,
+        target,
+        form,
+        GraphBuilder.for_graph(graph),
+        _constants(graph),
+        consumers,
+        {o.name for o in graph.output},
+        opset,
+        extra=dict(extra or {}),
+    )

@@ -35,12 +35,12 @@ def calibrate_tensors(
         return {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                              for n in names)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names
+    )
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in sess.get_inputs()]
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
@@ -48,8 +48,10 @@ def calibrate_tensors(
     for sample in calib_data:
         arrays = sample if isinstance(sample, tuple) else (sample,)
         if len(arrays) != len(inputs):
-            raise ValueError(f"a calibration sample has {len(arrays)} arrays; the model takes "
-                             f"{len(inputs)} inputs {inputs}.")
+            raise ValueError(
+                f"a calibration sample has {len(arrays)} arrays; the model takes "
+                f"{len(inputs)} inputs {inputs}."
+            )
         feed = {k: np.asarray(a) for k, a in zip(inputs, arrays, strict=True)}
         for n, v in zip(names, sess.run(list(names), feed), strict=True):
             lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))

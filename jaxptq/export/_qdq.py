@@ -96,8 +96,11 @@ def _fold_bias(
         set_attr(node, "beta", 1.0)
     if bias is None and bc is None and int32_scale is None:
         return
-    total = np.zeros(channels, np.float32) if bias is None else channel_vector(
-        bias, channels, f"bias of `{node.name}`")
+    total = (
+        np.zeros(channels, np.float32)
+        if bias is None
+        else channel_vector(bias, channels, f"bias of `{node.name}`")
+    )
     if bc is not None:
         total = total + channel_vector(bc, channels, f"bias correction of `{node.name}`")
     inputs = list(node.input) + [""] * (3 - len(node.input))
@@ -131,8 +134,12 @@ def _dynamic_scale(ctx: Ctx, ref: SiteRef, x: str, pre: list) -> str:
     else:
         axes = [int(a) for a in site_layout(ref.site).act_contracting]
         if ctx.opset >= 18:
-            node, (m,) = b.node("ReduceMax", [ax, b.const(f"{name}_axes", np.array(axes))],
-                                f"{name}_x_absmax", keepdims=1)
+            node, (m,) = b.node(
+                "ReduceMax",
+                [ax, b.const(f"{name}_axes", np.array(axes))],
+                f"{name}_x_absmax",
+                keepdims=1,
+            )
         else:
             node, (m,) = b.node("ReduceMax", [ax], f"{name}_x_absmax", keepdims=1, axes=axes)
     pre.append(node)
@@ -178,7 +185,8 @@ def qdq_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
         node.input[ref.act_input] = b.qdq(x, aq, pre, plan.name)
         if ctx.target.bias_int32 and node.op_type in ("Conv", "Gemm"):
             int32_scale = (np.float32(aq.scale) * np.broadcast_to(w_scale, (channels,))).astype(
-                np.float32)
+                np.float32
+            )
     elif plan.act_mode is not None:
         node.input[ref.act_input] = dynamic_qdq(ctx, ref, x, pre)[0]
     node.input[ref.weight_input] = b.dequantize_const(f"{plan.name}_W", q, w_scale, axis, pre)
@@ -195,5 +203,8 @@ def quantize_output(ctx: Ctx, last: onnx.NodeProto, aq: ActQuant, post: list) ->
     raw = ctx.b.fresh(f"{y}_float")
     last.output[0] = raw
     q, s, z = ctx.b.quantize(raw, aq, post, f"{last.name}_y")
-    post.append(helper.make_node("DequantizeLinear", [q, s, z], [y],
-                                 name=ctx.b.fresh(f"{last.name}_y_DequantizeLinear")))
+    post.append(
+        helper.make_node(
+            "DequantizeLinear", [q, s, z], [y], name=ctx.b.fresh(f"{last.name}_y_DequantizeLinear")
+        )
+    )

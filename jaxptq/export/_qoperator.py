@@ -56,8 +56,7 @@ def qop_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
     wq = b.const(f"{plan.name}_W_quantized", q)
     found = next_quant(ctx, node.output[0]) if aq is not None else None
     fused = found is not None and (
-        op == "Conv"
-        or (op == "MatMul" and ref.weight_input == 1 and plan.bias_correction is None)
+        op == "Conv" or (op == "MatMul" and ref.weight_input == 1 and plan.bias_correction is None)
     )
     if fused and found is not None:
         yq_aq, clipped = found
@@ -70,8 +69,11 @@ def qop_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
         if op == "Conv":
             assert aq is not None
             bias = bias_value(ctx, node, 2)
-            total = np.zeros(channels, np.float32) if bias is None else channel_vector(
-                bias, channels, f"bias of `{node.name}`")
+            total = (
+                np.zeros(channels, np.float32)
+                if bias is None
+                else channel_vector(bias, channels, f"bias of `{node.name}`")
+            )
             if plan.bias_correction is not None:
                 total = total + channel_vector(plan.bias_correction, channels, "bias correction")
             bq, _ = bias_int32(total, aq.scale, np.broadcast_to(w_scale, (channels,)))
@@ -79,10 +81,19 @@ def qop_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             post.append(helper.make_node("QLinearConv", ins, [yq], name=node.name, **attrs))
         else:
-            post.append(helper.make_node(
-                "QLinearMatMul", [xq, xs, xz, wq, ws, wz, ys, yz], [yq], name=node.name))
-        post.append(helper.make_node("DequantizeLinear", [yq, ys, yz], [y],
-                                     name=b.fresh(f"{node.name}_y_DequantizeLinear")))
+            post.append(
+                helper.make_node(
+                    "QLinearMatMul", [xq, xs, xz, wq, ws, wz, ys, yz], [yq], name=node.name
+                )
+            )
+        post.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [yq, ys, yz],
+                [y],
+                name=b.fresh(f"{node.name}_y_DequantizeLinear"),
+            )
+        )
         ctx.quantized[y] = (yq, ys, yz, yq_aq)
         if clipped is not None:
             ctx.quantized[clipped] = (yq, ys, yz, yq_aq)
@@ -108,15 +119,16 @@ def _integer_then_rescale(
     name = plan.name
     if op == "Conv":
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        int_node = helper.make_node("ConvInteger", [xq, wq, xz], [b.fresh(f"{name}_acc")],
-                                    name=node.name, **attrs)
+        int_node = helper.make_node(
+            "ConvInteger", [xq, wq, xz], [b.fresh(f"{name}_acc")], name=node.name, **attrs
+        )
     else:
         ins = [xq, wq, xz] if ref.weight_input == 1 else [wq, xq, "", xz]
-        int_node = helper.make_node("MatMulInteger", ins, [b.fresh(f"{name}_acc")],
-                                    name=node.name)
+        int_node = helper.make_node("MatMulInteger", ins, [b.fresh(f"{name}_acc")], name=node.name)
     post.append(int_node)
-    cast, (acc,) = b.node("Cast", [int_node.output[0]], f"{name}_acc_float",
-                          to=onnx.TensorProto.FLOAT)
+    cast, (acc,) = b.node(
+        "Cast", [int_node.output[0]], f"{name}_acc_float", to=onnx.TensorProto.FLOAT
+    )
     post.append(cast)
     if isinstance(scale_in, str):
         w_out = out_scale(ref, np.float32(1.0), alpha)
@@ -141,5 +153,11 @@ def _integer_then_rescale(
         post.append(mul)
         return
     post.append(mul)
-    post.append(helper.make_node("Add", [scaled, b.const(f"{name}_bias", bias.astype(np.float32))],
-                                 [y], name=b.fresh(f"{name}_bias_add")))
+    post.append(
+        helper.make_node(
+            "Add",
+            [scaled, b.const(f"{name}_bias", bias.astype(np.float32))],
+            [y],
+            name=b.fresh(f"{name}_bias_add"),
+        )
+    )

@@ -97,8 +97,9 @@ def quantize_graph(
         try:
             rule(ctx, node, ref, pre, post)
         except (NotImplementedError, ValueError) as err:
-            raise type(err)(f"exporting site `{ref.plan.name}` (node `{node.name}`, "
-                            f"{node.op_type}): {err}") from err
+            raise type(err)(
+                f"exporting site `{ref.plan.name}` (node `{node.name}`, {node.op_type}): {err}"
+            ) from err
         replaced = any(p.name == node.name for p in post)
         nodes.extend(pre + ([] if replaced else [node]) + post)
     del graph.node[:]

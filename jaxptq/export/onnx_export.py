@@ -143,8 +143,9 @@ def build_model(
         from jaxptq.export._fuse import calibrate_tensors
 
         wanted = fusable_outputs(source, refs, target)
-        extra = calibrate_tensors(source, [t for t, q in wanted.items() if q is None],
-                                  fuse_calib, target)
+        extra = calibrate_tensors(
+            source, [t for t, q in wanted.items() if q is None], fuse_calib, target
+        )
         extra |= {t: q for t, q in wanted.items() if q is not None}
     return quantize_graph(source, refs, target, form, extra)
 

@@ -77,12 +77,33 @@ def _elementwise(op: str) -> Rule:
 
 
 for _prim, _op in {
-    "abs": "Abs", "add": "Add", "div": "Div", "eq": "Equal", "erf": "Erf", "exp": "Exp",
-    "ge": "GreaterOrEqual", "gt": "Greater", "le": "LessOrEqual", "log": "Log", "logistic":
-    "Sigmoid", "lt": "Less", "max": "Max", "min": "Min", "mul": "Mul", "neg": "Neg", "pow":
-    "Pow", "sqrt": "Sqrt", "sub": "Sub", "tanh": "Tanh", "copy": "Identity",
-    "copy_p": "Identity", "stop_gradient": "Identity", "floor": "Floor", "ceil": "Ceil",
-    "round": "Round", "sign": "Sign",
+    "abs": "Abs",
+    "add": "Add",
+    "div": "Div",
+    "eq": "Equal",
+    "erf": "Erf",
+    "exp": "Exp",
+    "ge": "GreaterOrEqual",
+    "gt": "Greater",
+    "le": "LessOrEqual",
+    "log": "Log",
+    "logistic": "Sigmoid",
+    "lt": "Less",
+    "max": "Max",
+    "min": "Min",
+    "mul": "Mul",
+    "neg": "Neg",
+    "pow": "Pow",
+    "sqrt": "Sqrt",
+    "sub": "Sub",
+    "tanh": "Tanh",
+    "copy": "Identity",
+    "copy_p": "Identity",
+    "stop_gradient": "Identity",
+    "floor": "Floor",
+    "ceil": "Ceil",
+    "round": "Round",
+    "sign": "Sign",
 }.items():
     RULES[_prim] = _elementwise(_op)
 
@@ -179,8 +200,9 @@ def _broadcast(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
 @_register("split")
 def _split(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
     sizes, axis = node.params["sizes"], int(node.params["axis"])
-    split = node_split = ctx.b.node("Split", [ins[0], ctx.ints("split", sizes)], "split",
-                                    n_out=len(sizes), axis=axis)
+    split = node_split = ctx.b.node(
+        "Split", [ins[0], ctx.ints("split", sizes)], "split", n_out=len(sizes), axis=axis
+    )
     ctx.nodes.append(node_split[0])
     return split[1]
 
@@ -195,8 +217,12 @@ def _slice(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
     p = node.params
     starts, ends = p["start_indices"], p["limit_indices"]
     steps = p["strides"] or [1] * len(starts)
-    args = [ctx.ints("starts", starts), ctx.ints("ends", ends),
-            ctx.ints("axes", range(len(starts))), ctx.ints("steps", steps)]
+    args = [
+        ctx.ints("starts", starts),
+        ctx.ints("ends", ends),
+        ctx.ints("axes", range(len(starts))),
+        ctx.ints("steps", steps),
+    ]
     return [ctx.emit("Slice", [ins[0], *args], "slice")]
 
 
@@ -253,8 +279,9 @@ def _pool(op: str) -> Rule:
         if op == "AveragePool":  # a window sum is the average times the window size
             size = int(np.prod(attrs["kernel_shape"]))
             dtype = np.dtype(node.inputs[0].aval.dtype)
-            y = ctx.emit("Mul", [y, ctx.b.const("window_size", np.asarray(size, dtype))],
-                         "window_sum")
+            y = ctx.emit(
+                "Mul", [y, ctx.b.const("window_size", np.asarray(size, dtype))], "window_sum"
+            )
         return [ctx.emit("Transpose", [y], "pool_out", perm=list(np.argsort(perm)))]
 
     return rule
@@ -281,8 +308,15 @@ def _conv(ctx: _Ctx, node: Node, ins: list[str]) -> list[str]:
         weight = ctx.emit("Transpose", [ins[1]], "conv_kernel", perm=list(rhs_spec))
     pads = [lo for lo, _ in p["padding"]] + [hi for _, hi in p["padding"]]
     base = site.name if site is not None else "conv"
-    y = ctx.emit("Conv", [x, weight], base, strides=list(p["window_strides"]), pads=pads,
-                 dilations=list(p["rhs_dilation"]), group=int(p["feature_group_count"]))
+    y = ctx.emit(
+        "Conv",
+        [x, weight],
+        base,
+        strides=list(p["window_strides"]),
+        pads=pads,
+        dilations=list(p["rhs_dilation"]),
+        group=int(p["feature_group_count"]),
+    )
     if site is not None:
         onnx_node = ctx.nodes[-1]
         ctx.refs[onnx_node.name] = SiteRef(ctx.plans[site.name], site, 1, 0, w_perm)
@@ -363,11 +397,13 @@ def translate(
     outputs = []
     for i, v in enumerate(graph.outputs):
         name = f"output_{i}"
-        ctx.nodes.append(helper.make_node("Identity", [ctx.name(v)], [name],
-                                          name=ctx.b.fresh(f"output_{i}")))
+        ctx.nodes.append(
+            helper.make_node("Identity", [ctx.name(v)], [name], name=ctx.b.fresh(f"output_{i}"))
+        )
         outputs.append(_value_info(name, v.aval, batch=True))
     g = helper.make_graph(ctx.nodes, "jaxptq", inputs, outputs, ctx.b.initializers)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="jaxptq")
+    model = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="jaxptq"
+    )
     model.ir_version = 8
     return model, ctx.refs

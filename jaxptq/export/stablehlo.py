@@ -76,8 +76,7 @@ class StableHLOFunction:
         n_expected = len(self.exported.in_avals)
         if len(leaves) != n_expected:
             raise TypeError(
-                f"the artifact takes {n_expected - self._n_params} input array(s), got "
-                f"{len(flat)}."
+                f"the artifact takes {n_expected - self._n_params} input array(s), got {len(flat)}."
             )
         call_args, call_kwargs = jax.tree_util.tree_unflatten(self.exported.in_tree, leaves)
         return self.exported.call(*call_args, **call_kwargs)

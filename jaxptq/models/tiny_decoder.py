@@ -183,9 +183,7 @@ class TinyDecoder(nnx.Module):
         self, tokens: Array, states: Sequence[KVState], pos: Array | int, cache: KVCache
     ) -> tuple[Array, list[KVState]]:
         """Logits for `tokens` (batch, s) placed at positions `pos`..`pos`+s-1."""
-        x = self.embed(tokens) + lax.dynamic_slice_in_dim(
-            self.pos_embed[...], pos, tokens.shape[1]
-        )
+        x = self.embed(tokens) + lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
             x, state = block(x, state, pos, cache)
@@ -281,9 +279,7 @@ def calibrate_kv_scales(
         found = channel_amax([s for s in states if isinstance(s, FloatKV)], chunk.shape[1])
         amax = found if amax is None else merge_amax(amax, found)
     if amax is None:
-        raise ValueError(
-            "`calibrate_kv_scales` got no calibration windows (tokens.shape[0] == 0)."
-        )
+        raise ValueError("`calibrate_kv_scales` got no calibration windows (tokens.shape[0] == 0).")
     return calibrate_channel_scales(amax, bits)
 
 
@@ -351,9 +347,7 @@ def train_tiny_decoder(
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         path = pathlib.Path(cache_dir) / f"tiny_decoder-{digest}.npz"
         # Shapes only: a real initialization costs seconds of small compiles on CPU.
-        graphdef, shapes = nnx.split(
-            nnx.eval_shape(lambda: TinyDecoder(cfg, rngs=nnx.Rngs(0)))
-        )
+        graphdef, shapes = nnx.split(nnx.eval_shape(lambda: TinyDecoder(cfg, rngs=nnx.Rngs(0))))
         loaded = _load_params(path, shapes)
         if loaded is not None:
             logger.info("loaded trained tiny decoder from %s", path)

@@ -109,8 +109,9 @@ class OnnxFunction:
             node = Node(name, n.op_type, self.opset, attrs, len(outs))
             steps.append((node, handler, tuple(n.input), tuple(outs)))
         if unsupported:
-            listing = "; ".join(f"{op} (nodes: {', '.join(names)})"
-                                for op, names in sorted(unsupported.items()))
+            listing = "; ".join(
+                f"{op} (nodes: {', '.join(names)})" for op, names in sorted(unsupported.items())
+            )
             raise UnsupportedOnnxError(
                 f"{self._label} (ai.onnx opset {self.opset}) uses {len(unsupported)} op "
                 f"type(s) jaxptq cannot import: {listing}. "
@@ -127,8 +128,13 @@ class OnnxFunction:
                 last_use[x] = i
         keep = set(self.output_names) | set(self._consts)
         return tuple(
-            _Step(node, h, ins, outs,
-                  tuple(x for x in set(ins) if x and last_use[x] == i and x not in keep))
+            _Step(
+                node,
+                h,
+                ins,
+                outs,
+                tuple(x for x in set(ins) if x and last_use[x] == i and x not in keep),
+            )
             for i, (node, h, ins, outs) in enumerate(steps)
             if h is not None
         )
@@ -146,18 +152,16 @@ class OnnxFunction:
             got = np.dtype(a.dtype)
             # The declared dtype, or what JAX uses for it (int32 for int64 with x64 off).
             if got not in (spec.dtype, canonical(spec.dtype)):
-                raise TypeError(
-                    f"input `{spec.name}`: expected dtype {spec.dtype}, got {got}"
-                )
+                raise TypeError(f"input `{spec.name}`: expected dtype {spec.dtype}, got {got}")
             if spec.shape is not None:
                 shape = tuple(a.shape)
                 ok = len(shape) == len(spec.shape) and all(
-                    d is None or d == s for d, s in zip(spec.shape, shape, strict=True))
+                    d is None or d == s for d, s in zip(spec.shape, shape, strict=True)
+                )
                 if not ok:
                     declared = tuple("?" if d is None else d for d in spec.shape)
                     raise ValueError(
-                        f"input `{spec.name}`: expected shape {declared} (? = any), "
-                        f"got {shape}"
+                        f"input `{spec.name}`: expected shape {declared} (? = any), got {shape}"
                     )
             out.append(jnp.asarray(for_jax(a)) if is_static(a) else a)
         return out
@@ -177,8 +181,9 @@ class OnnxFunction:
         return res[0] if len(res) == 1 else res
 
     def __repr__(self) -> str:
-        ins = ", ".join(f"{s.name}: {s.dtype}{list(s.shape) if s.shape else ''}"
-                        for s in self.input_specs)
+        ins = ", ".join(
+            f"{s.name}: {s.dtype}{list(s.shape) if s.shape else ''}" for s in self.input_specs
+        )
         return f"OnnxFunction({self._label}, opset={self.opset}, inputs=[{ins}])"
 
 
@@ -199,8 +204,13 @@ def _run(step: _Step, ins: list[Value | None]) -> list[Value]:
         except Exception as e:
             raise OnnxNodeError(node.name, node.op_type, e) from e
     if len(out) < node.num_outputs:
-        raise OnnxNodeError(node.name, node.op_type, NotImplementedError(
-            f"produces {len(out)} output(s), the graph uses {node.num_outputs}"))
+        raise OnnxNodeError(
+            node.name,
+            node.op_type,
+            NotImplementedError(
+                f"produces {len(out)} output(s), the graph uses {node.num_outputs}"
+            ),
+        )
     return out
 
 
@@ -236,4 +246,3 @@ def import_onnx(
     proto, folder, label = _loader.load_model(model, base_dir)
     opset = _loader.model_opset(proto, label)
     return OnnxFunction(proto, opset, folder, label)
-

@@ -97,9 +97,7 @@ def _external_bytes(t: onnx.TensorProto, base_dir: pathlib.Path | None, label: s
     return data
 
 
-def tensor_to_numpy(
-    t: onnx.TensorProto, base_dir: pathlib.Path | None, label: str
-) -> np.ndarray:
+def tensor_to_numpy(t: onnx.TensorProto, base_dir: pathlib.Path | None, label: str) -> np.ndarray:
     """A TensorProto as a numpy array of its ONNX dtype; never mutates `t`."""
     np_dtype(t.data_type, f"{label}: tensor `{t.name}`")
     if t.data_location == onnx.TensorProto.EXTERNAL:
@@ -144,6 +142,7 @@ def input_spec(
     dtype = np_dtype(tt.elem_type, f"{label}: graph input `{vi.name}`")
     if not tt.HasField("shape"):
         return None, dtype
-    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                 for d in tt.shape.dim)
+    dims = tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim
+    )
     return dims, dtype

@@ -39,7 +39,8 @@ def window_pads(
         return [(0, 0)] * n
     if auto not in ("SAME_UPPER", "SAME_LOWER"):
         raise ValueError(
-            f"`auto_pad` is {auto!r}; expected NOTSET, VALID, SAME_UPPER or SAME_LOWER")
+            f"`auto_pad` is {auto!r}; expected NOTSET, VALID, SAME_UPPER or SAME_LOWER"
+        )
     out = []
     for size, k, s in zip(in_spatial, k_eff, strides, strict=True):
         total = max((math.ceil(size / s) - 1) * s + k - size, 0)
@@ -70,8 +71,14 @@ def conv(node: Node, inputs: Inputs) -> Value:
     nsp, strides, dil, k_eff = _geometry(node, w)
     pads = window_pads(node, np.shape(x)[2:], k_eff, strides)
     y = lax.conv_general_dilated(
-        for_jax(x), for_jax(w), strides, pads, rhs_dilation=dil,
-        dimension_numbers=conv_specs(nsp), feature_group_count=node.attr("group", 1))
+        for_jax(x),
+        for_jax(w),
+        strides,
+        pads,
+        rhs_dilation=dil,
+        dimension_numbers=conv_specs(nsp),
+        feature_group_count=node.attr("group", 1),
+    )
     return _add_bias(y, b, nsp)
 
 
@@ -83,8 +90,9 @@ def conv_transpose(node: Node, inputs: Inputs) -> Value:
     g = node.attr("group", 1)
     out_pad = list(node.attr("output_padding", [0] * nsp))
     in_sp = np.shape(x)[2:]
-    full = [s * (i - 1) + op + k for s, i, op, k in zip(strides, in_sp, out_pad, k_eff,
-                                                       strict=True)]
+    full = [
+        s * (i - 1) + op + k for s, i, op, k in zip(strides, in_sp, out_pad, k_eff, strict=True)
+    ]
     auto = node.attr("auto_pad", "NOTSET")
     target = node.attr("output_shape", None)
     if target is None and auto in ("SAME_UPPER", "SAME_LOWER"):
@@ -105,11 +113,20 @@ def conv_transpose(node: Node, inputs: Inputs) -> Value:
     wt = w.reshape((g, c_in // g, c_out_g) + k)
     wt = m.swapaxes(wt, 1, 2).reshape((g * c_out_g, c_in // g) + k)
     wt = m.flip(wt, axis=tuple(range(2, 2 + nsp)))
-    conv_pads = [(ke - 1 - pb, ke - 1 - pe + op)
-                 for ke, (pb, pe), op in zip(k_eff, pads, out_pad, strict=True)]
+    conv_pads = [
+        (ke - 1 - pb, ke - 1 - pe + op)
+        for ke, (pb, pe), op in zip(k_eff, pads, out_pad, strict=True)
+    ]
     y = lax.conv_general_dilated(
-        for_jax(x), for_jax(wt), [1] * nsp, conv_pads, lhs_dilation=strides,
-        rhs_dilation=dil, dimension_numbers=conv_specs(nsp), feature_group_count=g)
+        for_jax(x),
+        for_jax(wt),
+        [1] * nsp,
+        conv_pads,
+        lhs_dilation=strides,
+        rhs_dilation=dil,
+        dimension_numbers=conv_specs(nsp),
+        feature_group_count=g,
+    )
     return _add_bias(y, b, nsp)
 
 

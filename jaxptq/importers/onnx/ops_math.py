@@ -17,9 +17,17 @@ def _unary(name: str, node: Node, inputs: Inputs) -> Value:
     return getattr(m, name)(x)
 
 
-for _op, _fn in [("Abs", "abs"), ("Ceil", "ceil"), ("Exp", "exp"), ("Floor", "floor"),
-                 ("Log", "log"), ("Neg", "negative"), ("Sqrt", "sqrt"), ("Tanh", "tanh"),
-                 ("Not", "logical_not")]:
+for _op, _fn in [
+    ("Abs", "abs"),
+    ("Ceil", "ceil"),
+    ("Exp", "exp"),
+    ("Floor", "floor"),
+    ("Log", "log"),
+    ("Neg", "negative"),
+    ("Sqrt", "sqrt"),
+    ("Tanh", "tanh"),
+    ("Not", "logical_not"),
+]:
     register(_op)(partial(_unary, _fn))
 
 
@@ -28,10 +36,19 @@ def _binary(name: str, node: Node, inputs: Inputs) -> Value:
     return getattr(m, name)(a, b)
 
 
-for _op, _fn in [("Add", "add"), ("Sub", "subtract"), ("Mul", "multiply"), ("Equal", "equal"),
-                 ("Less", "less"), ("Greater", "greater"), ("LessOrEqual", "less_equal"),
-                 ("GreaterOrEqual", "greater_equal"), ("And", "logical_and"),
-                 ("Or", "logical_or"), ("Xor", "logical_xor")]:
+for _op, _fn in [
+    ("Add", "add"),
+    ("Sub", "subtract"),
+    ("Mul", "multiply"),
+    ("Equal", "equal"),
+    ("Less", "less"),
+    ("Greater", "greater"),
+    ("LessOrEqual", "less_equal"),
+    ("GreaterOrEqual", "greater_equal"),
+    ("And", "logical_and"),
+    ("Or", "logical_or"),
+    ("Xor", "logical_xor"),
+]:
     register(_op)(partial(_binary, _fn))
 
 

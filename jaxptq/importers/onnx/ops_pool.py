@@ -34,10 +34,14 @@ def _geometry(node: Node, x: Value):
 def _window(x: Value, init, op, kernel, strides, dil, pads, extra) -> Value:
     x = for_jax(x)
     return lax.reduce_window(
-        x, np.asarray(init, x.dtype), op,
-        (1, 1, *kernel), (1, 1, *strides),
+        x,
+        np.asarray(init, x.dtype),
+        op,
+        (1, 1, *kernel),
+        (1, 1, *strides),
         [(0, 0), (0, 0)] + [(pb, pe + e) for (pb, pe), e in zip(pads, extra, strict=True)],
-        window_dilation=(1, 1, *dil))
+        window_dilation=(1, 1, *dil),
+    )
 
 
 @register("MaxPool")
@@ -51,8 +55,9 @@ def max_pool(node: Node, inputs: Inputs) -> Value:
     return _window(x, init, lax.max, kernel, strides, dil, pads, extra)
 
 
-def _counts(size: int, k: int, s: int, d: int, pad: tuple[int, int], extra: int,
-            include_pad: bool) -> np.ndarray:
+def _counts(
+    size: int, k: int, s: int, d: int, pad: tuple[int, int], extra: int, include_pad: bool
+) -> np.ndarray:
     """How many window taps fall inside the counted region, per output position (one axis)."""
     pb, pe = pad
     out = (size + pb + pe + extra - ((k - 1) * d + 1)) // s + 1

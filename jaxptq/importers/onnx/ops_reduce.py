@@ -17,8 +17,9 @@ def _reduce(name: str, node: Node, x: Value, axes: list[int] | None) -> Value:
         axes = list(range(np.ndim(x)))
     m = xp(x)
     x = x if m is np else for_jax(x)
-    return getattr(m, name)(x, axis=tuple(normalize_axes(axes, np.ndim(x))),
-                            keepdims=bool(node.attr("keepdims", 1)))
+    return getattr(m, name)(
+        x, axis=tuple(normalize_axes(axes, np.ndim(x))), keepdims=bool(node.attr("keepdims", 1))
+    )
 
 
 def _axes_attr(name: str, node: Node, inputs: Inputs) -> Value:
@@ -31,9 +32,13 @@ def _axes_input(name: str, node: Node, inputs: Inputs) -> Value:
 
 
 # ReduceSum took `axes` as an input from opset 13, the others from opset 18.
-for _op, _fn, _switch in [("ReduceSum", "sum", 13), ("ReduceMean", "mean", 18),
-                          ("ReduceMax", "max", 18), ("ReduceMin", "min", 18),
-                          ("ReduceProd", "prod", 18)]:
+for _op, _fn, _switch in [
+    ("ReduceSum", "sum", 13),
+    ("ReduceMean", "mean", 18),
+    ("ReduceMax", "max", 18),
+    ("ReduceMin", "min", 18),
+    ("ReduceProd", "prod", 18),
+]:
     register(_op, until=_switch)(partial(_axes_attr, _fn))
     register(_op, since=_switch)(partial(_axes_input, _fn))
 

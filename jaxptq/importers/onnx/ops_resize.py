@@ -47,8 +47,7 @@ def nearest_index(coords: np.ndarray, size: int, mode: str) -> np.ndarray:
         idx = np.ceil(coords)
     else:
         raise NotImplementedError(
-            f"nearest_mode `{mode}`; supported: round_prefer_floor, round_prefer_ceil, floor, "
-            "ceil"
+            f"nearest_mode `{mode}`; supported: round_prefer_floor, round_prefer_ceil, floor, ceil"
         )
     return np.clip(idx, 0, size - 1).astype(np.int32)
 
@@ -103,6 +102,7 @@ def resize(node: Node, inputs: Inputs) -> Value:
         lo = np.floor(c).astype(np.int32)
         hi = np.minimum(lo + 1, size - 1)
         frac = c - lo
-        x = (m.take(x, lo, axis=a) * _along(1 - frac, a, rank, dtype)
-             + m.take(x, hi, axis=a) * _along(frac, a, rank, dtype))
+        x = m.take(x, lo, axis=a) * _along(1 - frac, a, rank, dtype) + m.take(
+            x, hi, axis=a
+        ) * _along(frac, a, rank, dtype)
     return x

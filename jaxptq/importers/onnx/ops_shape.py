@@ -218,16 +218,21 @@ def pad(node: Node, inputs: Inputs) -> Value:
     pads = ints(inputs[1], "`pads`")
     value = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
     given_axes = inputs[3] if len(inputs) > 3 else None
-    axes = list(range(rank)) if given_axes is None else normalize_axes(
-        ints(given_axes, "`axes`"), rank)
+    axes = (
+        list(range(rank))
+        if given_axes is None
+        else normalize_axes(ints(given_axes, "`axes`"), rank)
+    )
     if len(pads) != 2 * len(axes):
         raise ValueError(f"`pads` has {len(pads)} values, expected {2 * len(axes)}")
     before, after = [0] * rank, [0] * rank
     for i, a in enumerate(axes):
         before[a], after[a] = pads[i], pads[i + len(axes)]
     # Negative pads crop; apply them as a slice first.
-    crop = tuple(slice(max(-b, 0), np.shape(x)[i] - max(-e, 0))
-                 for i, (b, e) in enumerate(zip(before, after, strict=True)))
+    crop = tuple(
+        slice(max(-b, 0), np.shape(x)[i] - max(-e, 0))
+        for i, (b, e) in enumerate(zip(before, after, strict=True))
+    )
     x = x[crop]
     width = [(max(b, 0), max(e, 0)) for b, e in zip(before, after, strict=True)]
     mode = node.attr("mode", "constant")
