@@ -72,7 +72,8 @@ def paired_latency_ms(
     """Median wall times of `ref` and `fn`, timed alternately so both see the same load."""
     jax.block_until_ready(ref(x))
     jax.block_until_ready(fn(x))
-    ref_times, fn_times = [], []
+    ref_times: list[float] = []
+    fn_times: list[float] = []
     for _ in range(repeats):
         for f, times in ((ref, ref_times), (fn, fn_times)):
             start = time.perf_counter()
@@ -84,7 +85,7 @@ def paired_latency_ms(
 def compiled_int8_ops(fn: Callable[[Any], Any], x: Any) -> int:
     """Dots, convolutions and library calls with an `s8` operand in XLA's optimized HLO: the
     integer arithmetic the backend really runs (on GPU, cuDNN/cuBLAS custom calls)."""
-    text = jax.jit(lambda v: fn(v)).lower(x).compile().as_text()
+    text = jax.jit(lambda v: fn(v)).lower(x).compile().as_text() or ""
     dtypes = dict(re.findall(r"%([\w.\-]+) = \(?(\w+)\[", text))
     calls = re.findall(r"\b(?:convolution|dot|custom-call)\(([^)]*)\)", text)
     return sum(
@@ -167,7 +168,7 @@ def run_case(
     fn = case["fn"]
     rows = case["rows"]
     float_xla = batched(jax.jit(fn), rows) if rows else jax.jit(fn)
-    results = []
+    results: list[dict[str, Any]] = []
     base = {"name": "fp32 (plain XLA)", "fn": float_xla}
     qfns: dict[str, Any] = {}
     plan_time: dict[str, float] = {}

@@ -11,6 +11,7 @@ Prints a Markdown table for docs/benchmarks.md. The model's batch axis is made s
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import platform
@@ -80,6 +81,14 @@ def latency_ms(run: Callable[[], Any], repeats: int) -> float:
     return 1000 * min(times)
 
 
+def _first_rows(run: Callable[[np.ndarray], Any], x: np.ndarray, n: int) -> Any:
+    return run(x[:n])
+
+
+def _ready(fn: Callable[[Any], Any], x: Any) -> Any:
+    return jax.block_until_ready(fn(x))
+
+
 def predict(run: Callable[[np.ndarray], Any], x: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate([np.asarray(run(x[i : i + batch])) for i in range(0, len(x), batch)])
 
@@ -100,36 +109,61 @@ def main() -> None:
 
     t = time.perf_counter()
     ort_path = tmp / "ort_qdq.onnx"
-    quantize_static(str(float_path), str(ort_path), _Reader(xc), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    quantize_static(
+        str(float_path),
+        str(ort_path),
+        _Reader(xc),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
     t_ort = time.perf_counter() - t
 
     t = time.perf_counter()
     fn = jaxptq.import_onnx(float_path)
-    qfn = jaxptq.ptq(fn, [xc[i : i + 1] for i in range(len(xc))],
-                     {"quant_type": "FULL_QUANT", "target_device": "CPU"})
+    qfn = jaxptq.ptq(
+        fn,
+        [xc[i : i + 1] for i in range(len(xc))],
+        {"quant_type": "FULL_QUANT", "target_device": "CPU"},
+    )
     t_ptq = time.perf_counter() - t
     fuse = [xc[i : i + 1] for i in range(len(xc))]
-    ours = {form: export_onnx(qfn, tmp / f"jaxptq_{form}.onnx", form=form)
-            for form in ("qdq", "qoperator")}
-    ours |= {f"{form}+fuse": export_onnx(qfn, tmp / f"jaxptq_{form}_fused.onnx", form=form,
-                                         fuse_calib=fuse) for form in ("qdq", "qoperator")}
-    sizes = {k: os.path.getsize(p) for k, p in
-             {"float": float_path, "ort": ort_path, **ours}.items()}
+    ours = {
+        form: export_onnx(qfn, tmp / f"jaxptq_{form}.onnx", form=form)
+        for form in ("qdq", "qoperator")
+    }
+    ours |= {
+        f"{form}+fuse": export_onnx(
+            qfn, tmp / f"jaxptq_{form}_fused.onnx", form=form, fuse_calib=fuse
+        )
+        for form in ("qdq", "qoperator")
+    }
+    sizes = {
+        k: os.path.getsize(p) for k, p in {"float": float_path, "ort": ort_path, **ours}.items()
+    }
 
-    sessions = {"fp32": session(float_path), "ort quantize_static QDQ": session(ort_path),
-                "jaxptq QDQ": session(ours["qdq"]),
-                "jaxptq QOperator": session(ours["qoperator"]),
-                "jaxptq QDQ, fuse_calib": session(ours["qdq+fuse"]),
-                "jaxptq QOperator, fuse_calib": session(ours["qoperator+fuse"])}
+    sessions = {
+        "fp32": session(float_path),
+        "ort quantize_static QDQ": session(ort_path),
+        "jaxptq QDQ": session(ours["qdq"]),
+        "jaxptq QOperator": session(ours["qoperator"]),
+        "jaxptq QDQ, fuse_calib": session(ours["qdq+fuse"]),
+        "jaxptq QOperator, fuse_calib": session(ours["qoperator+fuse"]),
+    }
     rows = []
     float_logits = predict(lambda b: sessions["fp32"].run(None, {"input": b})[0], xe)
     qfn_logits = predict(lambda b: qfn(b), xe)
     for name, s in sessions.items():
-        run = lambda b, s=s: s.run(None, {"input": b})[0]  # noqa: E731
+
+        def run(b: np.ndarray, s: Any = s) -> np.ndarray:
+            return s.run(None, {"input": b})[0]
+
         logits = predict(run, xe)
-        lat = [latency_ms(lambda n=n, run=run: run(xe[:n]), args.repeats) for n in (1, 32)]
+        lat = [
+            latency_ms(functools.partial(_first_rows, run, xe, n), args.repeats) for n in (1, 32)
+        ]
         rows.append((name, logits, lat))
 
     # StableHLO artifacts through XLA against the float program under jax.jit.
@@ -141,8 +175,8 @@ def main() -> None:
     xla = []
     for n in (1, 32):
         x = xe[:n]
-        t_f = latency_ms(lambda x=x: float_jit(x).block_until_ready(), args.repeats)
-        t_q = latency_ms(lambda x=x, n=n: jax.block_until_ready(hlo[n](x)), args.repeats)
+        t_f = latency_ms(functools.partial(_ready, float_jit, x), args.repeats)
+        t_q = latency_ms(functools.partial(_ready, hlo[n], x), args.repeats)
         xla.append((t_f, t_q))
     hlo_logits = predict(lambda b: hlo[32](b) if len(b) == 32 else qfn(b), xe)
 
@@ -156,31 +190,45 @@ def main() -> None:
         c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         return float(np.mean(c))
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"onnxruntime {ort.__version__}, jax {jax.__version__}; {len(xc)} calibration and "
-          f"{len(xe)} evaluation photos; quantize_static {t_ort:.0f} s, jaxptq ptq {t_ptq:.0f} s")
-    print(f"file sizes: float {sizes['float']:,} B; onnxruntime QDQ {sizes['ort']:,} B "
-          f"({sizes['ort'] / sizes['float']:.1%}); jaxptq QDQ {sizes['qdq']:,} B "
-          f"({sizes['qdq'] / sizes['float']:.1%}); jaxptq QOperator {sizes['qoperator']:,} B "
-          f"({sizes['qoperator'] / sizes['float']:.1%}); with fuse_calib "
-          f"{sizes['qdq+fuse']:,} B / {sizes['qoperator+fuse']:,} B\n")
-    print("| onnxruntime CPU | top-1 % | agree fp32 % | agree jaxptq int8 (JAX) % | "
-          "cos vs JAX int8 | batch 1 ms (best) | batch 32 ms (best) | b1 vs ORT int8 | "
-          "b32 vs ORT int8 |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"onnxruntime {ort.__version__}, jax {jax.__version__}; {len(xc)} calibration and "
+        f"{len(xe)} evaluation photos; quantize_static {t_ort:.0f} s, jaxptq ptq {t_ptq:.0f} s"
+    )
+    print(
+        f"file sizes: float {sizes['float']:,} B; onnxruntime QDQ {sizes['ort']:,} B "
+        f"({sizes['ort'] / sizes['float']:.1%}); jaxptq QDQ {sizes['qdq']:,} B "
+        f"({sizes['qdq'] / sizes['float']:.1%}); jaxptq QOperator {sizes['qoperator']:,} B "
+        f"({sizes['qoperator'] / sizes['float']:.1%}); with fuse_calib "
+        f"{sizes['qdq+fuse']:,} B / {sizes['qoperator+fuse']:,} B\n"
+    )
+    print(
+        "| onnxruntime CPU | top-1 % | agree fp32 % | agree jaxptq int8 (JAX) % | "
+        "cos vs JAX int8 | batch 1 ms (best) | batch 32 ms (best) | b1 vs ORT int8 | "
+        "b32 vs ORT int8 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     base = rows[1][2]
     for name, logits, lat in rows:
-        print(f"| {name} | {top1(logits):.2f} | {agree(logits, float_logits):.2f} | "
-              f"{agree(logits, qfn_logits):.2f} | {cos(logits, qfn_logits):.5f} | "
-              f"{lat[0]:.2f} | {lat[1]:.1f} | {lat[0] / base[0]:.2f}x | {lat[1] / base[1]:.2f}x |")
-    print("\n| XLA CPU | top-1 % | batch 1 ms, best (float / int8) | "
-          "batch 32 ms, best (float / int8) | int8 / float |")
+        print(
+            f"| {name} | {top1(logits):.2f} | {agree(logits, float_logits):.2f} | "
+            f"{agree(logits, qfn_logits):.2f} | {cos(logits, qfn_logits):.5f} | "
+            f"{lat[0]:.2f} | {lat[1]:.1f} | {lat[0] / base[0]:.2f}x | {lat[1] / base[1]:.2f}x |"
+        )
+    print(
+        "\n| XLA CPU | top-1 % | batch 1 ms, best (float / int8) | "
+        "batch 32 ms, best (float / int8) | int8 / float |"
+    )
     print("|---|---|---|---|---|")
-    print(f"| StableHLO artifact (int8) vs jax.jit(float) | {top1(hlo_logits):.2f} | "
-          f"{xla[0][0]:.2f} / {xla[0][1]:.2f} | {xla[1][0]:.1f} / {xla[1][1]:.1f} | "
-          f"{xla[0][1] / xla[0][0]:.2f}x, {xla[1][1] / xla[1][0]:.2f}x |")
-    print(f"\nStableHLO artifact == qfn bit for bit: "
-          f"{np.array_equal(np.asarray(hlo[32](xe[:32])), np.asarray(qfn(xe[:32])))}")
+    print(
+        f"| StableHLO artifact (int8) vs jax.jit(float) | {top1(hlo_logits):.2f} | "
+        f"{xla[0][0]:.2f} / {xla[0][1]:.2f} | {xla[1][0]:.1f} / {xla[1][1]:.1f} | "
+        f"{xla[0][1] / xla[0][0]:.2f}x, {xla[1][1] / xla[1][0]:.2f}x |"
+    )
+    print(
+        f"\nStableHLO artifact == qfn bit for bit: "
+        f"{np.array_equal(np.asarray(hlo[32](xe[:32])), np.asarray(qfn(xe[:32])))}"
+    )
 
 
 if __name__ == "__main__":

@@ -92,12 +92,16 @@ def main() -> None:
         rows.append((batch, t_jit, xla, onnxrt, err, reps))
 
     print(f"import_onnx: {t_import * 1e3:.0f} ms, make_jaxpr trace: {t_trace * 1e3:.0f} ms")
-    print("| batch | jit compile (s) | XLA (ms) | onnxruntime (ms) | XLA / ORT | max rel err | "
-          "repeats |")
+    print(
+        "| batch | jit compile (s) | XLA (ms) | onnxruntime (ms) | XLA / ORT | max rel err | "
+        "repeats |"
+    )
     print("|---|---|---|---|---|---|---|")
     for batch, t_jit, xla, onnxrt, err, reps in rows:
-        print(f"| {batch} | {t_jit:.2f} | {xla:.1f} | {onnxrt:.1f} | {xla / onnxrt:.2f} | "
-              f"{err:.1e} | {reps} |")
+        print(
+            f"| {batch} | {t_jit:.2f} | {xla:.1f} | {onnxrt:.1f} | {xla / onnxrt:.2f} | "
+            f"{err:.1e} | {reps} |"
+        )
 
 
 if __name__ == "__main__":

@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         f"jaxptq bench_int8_ops: jax {jax.__version__} on {device.platform} ({device.device_kind})"
     )
     rng = np.random.default_rng(0)
-    rows: list[
-        tuple[str, Callable[..., Any], Callable[..., Any], tuple[Any, ...], tuple[Any, ...]]
-    ] = []
+    rows: list[tuple[str, Any, Any, tuple[Any, ...], tuple[Any, ...]]] = []
     for name, xs, ws, stride in conv_cases(args.batch):
         xf = rng.standard_normal(xs).astype(np.float32)
         wf = rng.standard_normal(ws).astype(np.float32)

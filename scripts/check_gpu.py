@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ def main() -> int:
         print(f"| {name} | fp32 | - | {fp32:.2f} | 0 |")
         for target in (None, "NVGPU"):
             for bc in (False, True):
-                config = {"quant_type": "FULL_QUANT", "target_device": target}
+                config: dict[str, Any] = {"quant_type": "FULL_QUANT", "target_device": target}
                 config["bias_correction"] = bc
                 try:
                     qfn = jaxptq.ptq(model, calib, config)
