@@ -142,17 +142,20 @@ def static_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any
     x = vals[1 - site.weight_index]
     x_q = _quantize_act(x, args["inv_scale"], plan.act_zero_point)
     params = dict(site.node.params)
-    padded_conv = site.primitive == "conv_general_dilated" and any(
-        p != (0, 0) for p in params["padding"]
-    )
-    if padded_conv and "zp_term" in args:
+    is_conv = site.primitive == "conv_general_dilated"
+    if is_conv and "zp_term" in args and any(p != (0, 0) for p in params["padding"]):
         y = _conv_minus_zero_point(site, x_q, args, plan.act_zero_point)
-    else:
+    elif "zp_term" in args:
+        # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
         acc = _bind_int(site, x_q, args["q"], params)
-        if "zp_term" in args:
-            # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
-            acc = acc - args["zp_term"]
-        y = acc.astype(jnp.float32)
+        if is_conv:
+            # after the convert: XLA:GPU folds an int32 term into a cuDNN call with an
+            # s32 result, which it rejects; the same float32 value while |acc| < 2**24
+            y = acc.astype(jnp.float32) - args["zp_term"].astype(jnp.float32)
+        else:
+            y = (acc - args["zp_term"]).astype(jnp.float32)
+    else:
+        y = _bind_int(site, x_q, args["q"], params).astype(jnp.float32)
     y = y * args["out_scale"]
     if "bias" in args:
         y = y + args["bias"]
