@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax
@@ -250,6 +251,34 @@ def test_gpu_and_cpu_zero_point_conv_forms_agree_bit_for_bit(
             np.testing.assert_array_equal(np.asarray(gpu_form), np.asarray(cpu_form))
             checked += 1
     assert checked == 2
+
+
+def test_cuda_lowering_keeps_integer_convs_in_forms_xla_gpu_runs() -> None:
+    """Lowered for CUDA (no GPU needed), every int8 convolution's int32 result goes straight
+    to a float convert, and no int8 input is padded: the two forms XLA:GPU rejected
+    (an int32 zero-point term folded into an s32 cuDNN call; a zero-point-padded VALID conv
+    turned into a backward-filter call) cannot come back. scripts/check_gpu.py runs it."""
+    rng = np.random.default_rng(0)
+    w1 = jnp.asarray(rng.normal(size=(3, 3, 4, 8)).astype(np.float32))
+    w2 = jnp.asarray(rng.normal(size=(1, 1, 8, 8)).astype(np.float32))
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def two_convs(v: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(v, w1, (1, 1), "SAME", dimension_numbers=dims)
+        return jax.lax.conv_general_dilated(
+            jax.nn.relu(y), w2, (1, 1), "VALID", dimension_numbers=dims
+        )
+
+    x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32) + 0.5
+    qfn = jaxptq.ptq(two_convs, [x], {"quant_type": "FULL_QUANT", "bias_correction": False})
+    assert all(s.act_zero_point != 0 for s in qfn.plan.sites)
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    text = jax.export.export(jax.jit(qfn), platforms=("cuda",))(spec).mlir_module()
+    lines = text.splitlines()
+    assert sum("stablehlo.convolution" in ln and "xi8>" in ln for ln in lines) >= 2
+    assert not [ln for ln in lines if "stablehlo.pad" in ln and "xi8>" in ln]
+    int_math = r"stablehlo\.(add|subtract|multiply) .*: tensor<[0-9x]*xi32>"
+    assert not [ln for ln in lines if re.search(int_math, ln)]
 
 
 # --- tracing: names, folding, sub-jaxprs ----------------------------------------------------
