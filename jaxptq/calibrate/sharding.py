@@ -50,15 +50,23 @@ def local_rows(mesh: Mesh, rows_per_device: int) -> np.ndarray:
     return (np.asarray(mine)[:, None] * rows_per_device + np.arange(rows_per_device)).ravel()
 
 
-def sharded_step(local_step: Callable[..., Any], mesh: Mesh, num_args: int) -> Callable[..., Any]:
+def sharded_step(
+    make_local: Callable[[str | None], Callable[..., Any]], mesh: Mesh, num_args: int
+) -> Callable[..., Any]:
     """Jits `local_step(stats, valid, *args) -> (stats, row_flags)` over the data mesh.
 
+    `make_local(axis_name)` builds the step; its observers combine over `axis_name`.
     `stats` is replicated, `valid` and `args` are split along their leading (row) axis,
-    and `row_flags` (sites, rows) is gathered back to every device.
+    and `row_flags` (sites, rows) is gathered back to every device. A one-device mesh
+    gets a plain `jit` with no axis: the same step under `shard_map` ran 20-25% slower on
+    XLA:CPU (EfficientNet-Lite0's KL step: 1.17 s against 0.93 s for 16 photos), and with
+    one device there is nothing to combine.
     """
+    if mesh.size == 1:
+        return jax.jit(make_local(None), donate_argnums=0)
     rows = P(AXIS)
     step = jax.shard_map(
-        local_step,
+        make_local(AXIS),
         mesh=mesh,
         in_specs=(P(), rows) + (rows,) * num_args,
         out_specs=(P(), P()),

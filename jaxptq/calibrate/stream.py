@@ -108,21 +108,24 @@ def microbatches(
 
 
 def _local_step(
-    site_fn: SiteFn, observer: Observer, names: list[str], num_devices: int
+    site_fn: SiteFn, observer: Observer, names: list[str], num_devices: int, axis: str | None
 ) -> Callable[..., Any]:
     def step(stats: dict[str, Stats], valid: jax.Array, *args: jax.Array) -> Any:
         acts = site_fn(*args)
         new, flags = {}, []
         for name in names:
             batch = site_batch(jnp.asarray(acts[name], jnp.float32), valid)
-            new[name] = observer.update(stats[name], batch, sharding.AXIS)
+            new[name] = observer.update(stats[name], batch, axis)
             flags.append(nonfinite_rows(batch))
+        local = jnp.stack(flags)
+        if axis is None:
+            return new, local
         # Every device's row flags, replicated: each writes its block, a psum joins them.
-        local = jnp.stack(flags).astype(jnp.int32)
-        block = jax.lax.axis_index(sharding.AXIS) * local.shape[1]
+        local = local.astype(jnp.int32)
+        block = jax.lax.axis_index(axis) * local.shape[1]
         rows = jnp.zeros((len(names), num_devices * local.shape[1]), jnp.int32)
         rows = jax.lax.dynamic_update_slice(rows, local, (0, block))
-        return new, jax.lax.psum(rows, sharding.AXIS) > 0
+        return new, jax.lax.psum(rows, axis) > 0
 
     return step
 
@@ -132,8 +135,11 @@ def _compiled_step(
     site_fn: SiteFn, observer: Observer, names: tuple[str, ...], mesh: Any, num_args: int
 ) -> Callable[..., Any]:
     """Kept across calls, so calibrating the same function again reuses its programs."""
-    local = _local_step(site_fn, observer, list(names), mesh.size)
-    return sharding.sharded_step(local, mesh, num_args)
+
+    def make_local(axis: str | None) -> Callable[..., Any]:
+        return _local_step(site_fn, observer, list(names), mesh.size, axis)
+
+    return sharding.sharded_step(make_local, mesh, num_args)
 
 
 def site_shapes(site_fn: SiteFn, args: Batch) -> dict[str, tuple[int, ...]]:
