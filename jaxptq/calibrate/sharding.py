@@ -1,6 +1,7 @@
 """Data-parallel calibration: rows split over a 1-D device mesh, statistics all-reduced.
 
-Each step runs under `jax.shard_map` over a mesh with one axis, `"data"`: every device
+With several devices each step runs under `jax.shard_map` over a mesh with one axis,
+`"data"` (one device: a plain `jit`, see `sharded_step`): every device
 evaluates the sites on its share of the rows and the observers combine the device-local
 statistics with `psum` / `pmin` / `pmax` over that axis, so the statistics that come out
 are replicated and equal to a single-device run's (each device always evaluates the same
