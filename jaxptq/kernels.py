@@ -90,9 +90,15 @@ def _quantize_act(x: Any, inv_scale: Any, zero_point: int) -> Any:
     return jnp.clip(q, *_INT8).astype(jnp.int8)
 
 
+def _has_padding(site: Site) -> bool:
+    return any(p != (0, 0) for p in site.node.params["padding"])
+
+
 def _pad_with_zero_point(site: Site, x_q: Any, zero_point: int) -> tuple[Any, dict[str, Any]]:
     """Pads with the zero point's code, so padding means float 0 as in the float conv."""
     params = dict(site.node.params)
+    if not _has_padding(site):
+        return x_q, params
     lhs_spec = params["dimension_numbers"][0]
     config = [(0, 0, 0)] * x_q.ndim
     for axis, (lo, hi) in zip(lhs_spec[2:], params["padding"], strict=True):
@@ -101,35 +107,39 @@ def _pad_with_zero_point(site: Site, x_q: Any, zero_point: int) -> tuple[Any, di
     return lax.pad(x_q, jnp.int8(zero_point), config), params
 
 
-def conv_zero_point_covered(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
-    """`sum_k (x_q - zp) w_q` with the convolution's own zero padding: the term sums
-    `zp * w_q` over the window positions on real input only (a batch-1 all-ones image)."""
-    params = dict(site.node.params)
-    batch_axis = params["dimension_numbers"][0][0]
-    shape = tuple(1 if a == batch_axis else d for a, d in enumerate(x_q.shape))
-    real = _bind_int(site, jnp.ones(shape, jnp.int8), args["q"], params)
-    acc = _bind_int(site, x_q, args["q"], params)
-    return acc.astype(jnp.float32) - jnp.float32(zero_point) * real.astype(jnp.float32)
-
-
 def conv_zero_point_padded(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
-    """`sum_k (x_q - zp) w_q` with the input padded by the code `zp` and the per-channel
-    term `zp * sum w_q` subtracted in int32."""
+    """XLA:CPU's `sum_k (x_q - zp) w_q`: the input padded with the code `zp` (float 0), the
+    per-channel `zp * sum w_q` subtracted in int32, exactly."""
     x_padded, params = _pad_with_zero_point(site, x_q, zero_point)
     acc = _bind_int(site, x_padded, args["q"], params)
     return (acc - args["zp_term"]).astype(jnp.float32)
 
 
-def _conv_minus_zero_point(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
-    """`sum_k (x_q - zp) w_q` of a padded convolution, as float32.
+def conv_zero_point_covered(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
+    """XLA:GPU's `sum_k (x_q - zp) w_q`: the convolution keeps its own zero padding and the
+    term goes after the convert; with padding it sums `zp * w_q` over the window positions
+    on real input only (a batch-1 all-ones image)."""
+    params = dict(site.node.params)
+    acc = _bind_int(site, x_q, args["q"], params).astype(jnp.float32)
+    if not _has_padding(site):
+        return acc - args["zp_term"].astype(jnp.float32)
+    batch_axis = params["dimension_numbers"][0][0]
+    shape = tuple(1 if a == batch_axis else d for a, d in enumerate(x_q.shape))
+    real = _bind_int(site, jnp.ones(shape, jnp.int8), args["q"], params)
+    return acc - jnp.float32(zero_point) * real.astype(jnp.float32)
 
-    Padding means float 0, which is the code `zp`. XLA:CPU gets the input padded with
-    `zp`. XLA:GPU cannot take that: the padded VALID convolution (LeNet's 5x5 SAME conv
-    on a 4x4 map) becomes a cuDNN backward-filter call with no integer kernel, so there
-    the convolution keeps its own padding (`conv_zero_point_covered`). Both give the same
-    integers; the float32 values agree while |acc| < 2**24 (tested bit for bit).
-    Transposed convolutions never get here: their activations are symmetric
-    (`passes.full._needs_symmetric`).
+
+def _conv_minus_zero_point(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
+    """`sum_k (x_q - zp) w_q` of a convolution with a zero point, as float32.
+
+    XLA:GPU runs an integer convolution only as a cuDNN call whose result is converted to
+    float inside the call, and rejected both things XLA:CPU takes: an int32 term folded
+    into the call (an s32 result with a bias), and a zero-point-padded VALID convolution
+    (LeNet's 5x5 SAME conv on a 4x4 map, which became a backward-filter call with no
+    integer kernel). So the CPU form stays exact int32 and other platforms get
+    `conv_zero_point_covered`. Both give the same integers; the float32 values agree while
+    |acc| < 2**24 (tested bit for bit). Transposed convolutions never get here: their
+    activations are symmetric (`passes.full._needs_symmetric`).
     """
     return lax.platform_dependent(
         cpu=lambda: conv_zero_point_padded(site, x_q, args, zero_point),
@@ -141,21 +151,14 @@ def static_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any
     assert plan.act_zero_point is not None
     x = vals[1 - site.weight_index]
     x_q = _quantize_act(x, args["inv_scale"], plan.act_zero_point)
-    params = dict(site.node.params)
-    is_conv = site.primitive == "conv_general_dilated"
-    if is_conv and "zp_term" in args and any(p != (0, 0) for p in params["padding"]):
+    if "zp_term" not in args:
+        y = _bind_int(site, x_q, args["q"], dict(site.node.params)).astype(jnp.float32)
+    elif site.primitive == "conv_general_dilated":
         y = _conv_minus_zero_point(site, x_q, args, plan.act_zero_point)
-    elif "zp_term" in args:
-        # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
-        acc = _bind_int(site, x_q, args["q"], params)
-        if is_conv:
-            # after the convert: XLA:GPU folds an int32 term into a cuDNN call with an
-            # s32 result, which it rejects; the same float32 value while |acc| < 2**24
-            y = acc.astype(jnp.float32) - args["zp_term"].astype(jnp.float32)
-        else:
-            y = (acc - args["zp_term"]).astype(jnp.float32)
     else:
-        y = _bind_int(site, x_q, args["q"], params).astype(jnp.float32)
+        # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
+        acc = _bind_int(site, x_q, args["q"], dict(site.node.params))
+        y = (acc - args["zp_term"]).astype(jnp.float32)
     y = y * args["out_scale"]
     if "bias" in args:
         y = y + args["bias"]

@@ -226,38 +226,8 @@ def test_conv_integer_accumulator_is_exact() -> None:
     np.testing.assert_allclose(np.asarray(qfn(x)), expected, rtol=1e-6, atol=1e-5)
 
 
-def test_gpu_and_cpu_zero_point_conv_forms_agree_bit_for_bit(
-    lenet: Any, calib: Any, digits_data: Any
-) -> None:
-    """XLA:GPU's form of a padded zero-point conv (own padding, term over the real window
-    positions) equals XLA:CPU's (input padded with the zero point) on LeNet's SAME convs."""
-    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "bias_correction": False})
-    # XLA:GPU cannot run the padded form (kernels.py), so both forms run on the CPU here
-    with jax.default_device(jax.devices("cpu")[0]):
-        x = jnp.asarray(digits_data[2][:32])
-        graph = qfn._graphs.get((x,))
-        names = [s.name for s in graph.sites]
-        inputs = site_inputs(qfn._graphs, jax.tree_util.tree_structure((x,)), names)(x)
-        checked = 0
-        for site, plan in zip(graph.sites, qfn.plan.sites, strict=True):
-            if site.primitive != "conv_general_dilated":
-                continue
-            assert plan.act_zero_point != 0 and site.node.params["padding"] != ((0, 0), (0, 0))
-            args = kernels.static_args(plan, site)
-            zp = plan.act_zero_point
-            x_q = kernels._quantize_act(inputs[site.name], args["inv_scale"], zp)
-            gpu_form = kernels.conv_zero_point_covered(site, x_q, args, zp)
-            cpu_form = kernels.conv_zero_point_padded(site, x_q, args, zp)
-            np.testing.assert_array_equal(np.asarray(gpu_form), np.asarray(cpu_form))
-            checked += 1
-    assert checked == 2
-
-
-def test_cuda_lowering_keeps_integer_convs_in_forms_xla_gpu_runs() -> None:
-    """Lowered for CUDA (no GPU needed), every int8 convolution's int32 result goes straight
-    to a float convert, and no int8 input is padded: the two forms XLA:GPU rejected
-    (an int32 zero-point term folded into an s32 cuDNN call; a zero-point-padded VALID conv
-    turned into a backward-filter call) cannot come back. scripts/check_gpu.py runs it."""
+def _zero_point_conv_net() -> tuple[Any, np.ndarray]:
+    """A 3x3 SAME conv and a 1x1 VALID conv, quantized with non-zero zero points."""
     rng = np.random.default_rng(0)
     w1 = jnp.asarray(rng.normal(size=(3, 3, 4, 8)).astype(np.float32))
     w2 = jnp.asarray(rng.normal(size=(1, 1, 8, 8)).astype(np.float32))
@@ -265,13 +235,55 @@ def test_cuda_lowering_keeps_integer_convs_in_forms_xla_gpu_runs() -> None:
 
     def two_convs(v: jax.Array) -> jax.Array:
         y = jax.lax.conv_general_dilated(v, w1, (1, 1), "SAME", dimension_numbers=dims)
-        return jax.lax.conv_general_dilated(
-            jax.nn.relu(y), w2, (1, 1), "VALID", dimension_numbers=dims
-        )
+        y = jax.nn.relu(y)
+        return jax.lax.conv_general_dilated(y, w2, (1, 1), "VALID", dimension_numbers=dims)
 
     x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32) + 0.5
     qfn = jaxptq.ptq(two_convs, [x], {"quant_type": "FULL_QUANT", "bias_correction": False})
     assert all(s.act_zero_point != 0 for s in qfn.plan.sites)
+    return qfn, x
+
+
+def _check_zero_point_forms(qfn: Any, x: np.ndarray) -> list[bool]:
+    """Runs XLA:GPU's and XLA:CPU's form of every conv site on the CPU (XLA:GPU cannot run
+    the CPU one) and asserts they agree bit for bit; returns each site's has-padding."""
+    padded = []
+    with jax.default_device(jax.devices("cpu")[0]):
+        x = jnp.asarray(x)
+        graph = qfn._graphs.get((x,))
+        names = [s.name for s in graph.sites]
+        inputs = site_inputs(qfn._graphs, jax.tree_util.tree_structure((x,)), names)(x)
+        for site, plan in zip(graph.sites, qfn.plan.sites, strict=True):
+            if site.primitive != "conv_general_dilated":
+                continue
+            args = kernels.static_args(plan, site)
+            zp = plan.act_zero_point
+            assert zp != 0
+            x_q = kernels._quantize_act(inputs[site.name], args["inv_scale"], zp)
+            gpu_form = kernels.conv_zero_point_covered(site, x_q, args, zp)
+            cpu_form = kernels.conv_zero_point_padded(site, x_q, args, zp)
+            np.testing.assert_array_equal(np.asarray(gpu_form), np.asarray(cpu_form))
+            padded.append(site.node.params["padding"] != ((0, 0), (0, 0)))
+    return padded
+
+
+def test_gpu_and_cpu_zero_point_conv_forms_agree_bit_for_bit(
+    lenet: Any, calib: Any, digits_data: Any
+) -> None:
+    """XLA:GPU's form of a zero-point conv (own padding, the term after the convert, over
+    the real window positions) equals XLA:CPU's (input padded with the zero point, the
+    term in int32): LeNet's two SAME convs, and a SAME plus a VALID conv."""
+    qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "bias_correction": False})
+    assert _check_zero_point_forms(qfn, digits_data[2][:32]) == [True, True]
+    assert _check_zero_point_forms(*_zero_point_conv_net()) == [True, False]
+
+
+def test_cuda_lowering_keeps_integer_convs_in_forms_xla_gpu_runs() -> None:
+    """Lowered for CUDA (no GPU needed), every int8 convolution's int32 result goes straight
+    to a float convert, and no int8 input is padded: the two forms XLA:GPU rejected
+    (an int32 zero-point term folded into an s32 cuDNN call; a zero-point-padded VALID conv
+    turned into a backward-filter call) cannot come back. scripts/check_gpu.py runs it."""
+    qfn, x = _zero_point_conv_net()
     spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
     text = jax.export.export(jax.jit(qfn), platforms=("cuda",))(spec).mlir_module()
     lines = text.splitlines()
