@@ -52,9 +52,8 @@ def apply_bias_correction(
         for name, (y_float, y_quant) in pairs(*flat).items():
             diff = y_float.astype(jnp.float32) - y_quant.astype(jnp.float32)
             keep = (valid > 0).reshape((-1,) + (1,) * (diff.ndim - 1))
-            # rows summed, padding rows masked with `where` (a product would let a NaN
-            # through, and as a dot XLA:GPU rewrote it with the int8 conv into a cuDNN
-            # backward-filter convolution it has no integer kernel for)
+            # rows summed, padding rows masked with `where`: a product with the mask
+            # would let a NaN of a padding row through
             diff = jnp.sum(jnp.where(keep, diff, 0.0), axis=0)
             axes = summed_axes[name]
             count = jnp.sum(valid) * np.prod([diff.shape[a] for a in axes])
