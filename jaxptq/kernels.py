@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxptq import depthwise, qmath
+from jaxptq import conv_forms, qmath
 from jaxptq.graph import Site
 from jaxptq.layout import SiteLayout, site_layout, to_output
 from jaxptq.plan import SitePlan
@@ -27,13 +27,14 @@ def _operands(site: Site, x: Any, w: Any) -> tuple[Any, Any]:
     return (w, x) if site.weight_index == 0 else (x, w)
 
 
-def _bind_int(site: Site, x_q: Any, w_q: Any, params: dict[str, Any]) -> Any:
-    """The i8 x i8 -> i32 dot/convolution, with the site's own dimension numbers."""
+def _bind_int(site: Site, x_q: Any, w_q: Any, params: dict[str, Any], pad_value: int = 0) -> Any:
+    """The i8 x i8 -> i32 dot/convolution, with the site's own dimension numbers; a
+    convolution's padding holds `pad_value`."""
     params = dict(params, preferred_element_type=np.dtype(np.int32))
     if "precision" in params:
         params["precision"] = None
     if site.primitive == "conv_general_dilated":
-        return depthwise.conv(x_q, w_q, params)
+        return conv_forms.conv(x_q, w_q, params, pad_value)
     return site.node.primitive.bind(*_operands(site, x_q, w_q), **params)
 
 
@@ -57,7 +58,7 @@ def weight_only_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -
     w = (q.astype(jnp.float32) * args["scale"]).astype(dtype)
     x = vals[1 - site.weight_index]
     if site.primitive == "conv_general_dilated":
-        return depthwise.conv(x, w, site.node.params)
+        return conv_forms.conv(x, w, site.node.params)
     return site.node.primitive.bind(*_operands(site, x, w), **site.node.params)
 
 
@@ -94,24 +95,10 @@ def _has_padding(site: Site) -> bool:
     return any(p != (0, 0) for p in site.node.params["padding"])
 
 
-def _pad_with_zero_point(site: Site, x_q: Any, zero_point: int) -> tuple[Any, dict[str, Any]]:
-    """Pads with the zero point's code, so padding means float 0 as in the float conv."""
-    params = dict(site.node.params)
-    if not _has_padding(site):
-        return x_q, params
-    lhs_spec = params["dimension_numbers"][0]
-    config = [(0, 0, 0)] * x_q.ndim
-    for axis, (lo, hi) in zip(lhs_spec[2:], params["padding"], strict=True):
-        config[axis] = (lo, hi, 0)
-    params["padding"] = tuple((0, 0) for _ in params["padding"])
-    return lax.pad(x_q, jnp.int8(zero_point), config), params
-
-
 def conv_zero_point_padded(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
     """XLA:CPU's `sum_k (x_q - zp) w_q`: the input padded with the code `zp` (float 0), the
     per-channel `zp * sum w_q` subtracted in int32, exactly."""
-    x_padded, params = _pad_with_zero_point(site, x_q, zero_point)
-    acc = _bind_int(site, x_padded, args["q"], params)
+    acc = _bind_int(site, x_q, args["q"], dict(site.node.params), pad_value=zero_point)
     return (acc - args["zp_term"]).astype(jnp.float32)
 
 
@@ -186,7 +173,9 @@ def dynamic_act_scale(x: Any, lay: SiteLayout, per_row: bool) -> Any:
 
 def dynamic_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:
     lay = site_layout(site)
-    x = vals[1 - site.weight_index]
+    # The scale is a reduction over `x`: without the barrier XLA:CPU fuses x's producer
+    # (e.g. a depthwise conv) into both the reduction and the quantize, computing it twice.
+    x = lax.optimization_barrier(vals[1 - site.weight_index])
     scale = dynamic_act_scale(x, lay, per_row=plan.act_mode == "dynamic_row")
     x_q = _quantize_act(x, 1.0 / scale, 0)
     acc = _bind_int(site, x_q, args["q"], dict(site.node.params))

@@ -105,8 +105,9 @@ def test_full_quant_sites_are_int8_in_jaxpr_and_stablehlo(
     assert [s.name for s in plan.sites] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     dtypes = site_operand_dtypes(full_lenet, x)
     # The jaxpr holds the XLA:CPU and XLA:GPU forms of the two padded convs (lax.
-    # platform_dependent: 1 + 2 convolutions each); lowering keeps one form.
-    assert len(dtypes) == 3 + 2 * 3 and all(d[1:] == ("int8", "int8") for d in dtypes)
+    # platform_dependent; each integer convolution is itself an XLA:CPU im2col dot or a
+    # convolution elsewhere, conv_forms.py): 2 + 4 ops each; lowering keeps one form.
+    assert len(dtypes) == 3 + 2 * 6 and all(d[1:] == ("int8", "int8") for d in dtypes)
     text = full_lenet.lower(x).as_text()
     int_convs = [
         ln
@@ -118,8 +119,10 @@ def test_full_quant_sites_are_int8_in_jaxpr_and_stablehlo(
         for ln in text.splitlines()
         if "stablehlo.dot_general" in ln and "xi8>" in ln and "xi32>" in ln.split("->")[-1]
     ]
-    # XLA:GPU's form of a padded zero-point conv adds a batch-1 conv (kernels.py)
-    assert len(int_convs) == (2 if jax.default_backend() == "cpu" else 4) and len(int_dots) == 3
+    # On XLA:CPU LeNet's 1- and 6-channel convs are im2col dots (conv_forms.py); XLA:GPU's
+    # form of a padded zero-point conv adds a batch-1 conv (kernels.py).
+    on_cpu = jax.default_backend() == "cpu"
+    assert (len(int_convs), len(int_dots)) == ((0, 5) if on_cpu else (4, 3))
     # Integer weights are arguments of the program, not constants baked into the HLO.
     assert not [ln for ln in text.splitlines() if "stablehlo.constant" in ln and "xi8>" in ln]
 
@@ -129,7 +132,7 @@ def test_skipped_site_stays_float(lenet: Any, calib: Any, digits_data: Any) -> N
     assert qfn.plan["fc3"].skip_reason == "listed in skip_quant_node"
     dtypes = site_operand_dtypes(qfn, digits_data[2][:4])
     # fc3 last; the padded convs appear in their CPU and GPU forms (see above)
-    assert [d[1] for d in dtypes] == ["int8"] * (2 * 3 + 2) + ["float32"]
+    assert [d[1] for d in dtypes] == ["int8"] * (2 * 6 + 2) + ["float32"]
 
 
 def test_jit_and_vmap(full_lenet: Any, digits_data: Any) -> None:

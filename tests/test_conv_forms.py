@@ -1,0 +1,117 @@
+"""Each fast convolution form equals XLA's convolution: exactly on integers, to float
+rounding on floats, in every layout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxptq import conv_forms, depthwise
+
+
+def _params(lhs_shape, rhs_shape, dn, stride, padding, dilation, groups):
+    return dict(
+        window_strides=stride,
+        padding=padding,
+        lhs_dilation=(1, 1),
+        rhs_dilation=dilation,
+        dimension_numbers=lax.conv_dimension_numbers(lhs_shape, rhs_shape, dn),
+        feature_group_count=groups,
+        batch_group_count=1,
+        precision=None,
+        preferred_element_type=jnp.int32,
+        out_sharding=None,
+    )
+
+
+def _operands(dn, c_in, c_out, kernel, groups, rng):
+    lhs = rng.integers(-128, 128, size=(2, c_in, 9, 11)).astype(np.int8)
+    rhs = rng.integers(-127, 128, size=(c_out, c_in // groups, *kernel)).astype(np.int8)
+    lhs = np.transpose(lhs, ["NCHW".index(a) for a in dn[0]])
+    rhs = np.transpose(rhs, ["OIHW".index(a) for a in dn[1]])
+    return lhs, rhs
+
+
+def _check(form, lhs, rhs, params) -> None:
+    expected = lax.conv_general_dilated_p.bind(jnp.asarray(lhs), jnp.asarray(rhs), **params)
+    got = form(jnp.asarray(lhs), jnp.asarray(rhs), params)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    f_params = dict(params, preferred_element_type=None)
+    f_lhs, f_rhs = jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32)
+    f_expected = lax.conv_general_dilated_p.bind(f_lhs, f_rhs, **f_params)
+    f_got = form(f_lhs, f_rhs, f_params)
+    np.testing.assert_allclose(np.asarray(f_got), np.asarray(f_expected), rtol=1e-5, atol=1e-2)
+
+
+LAYOUTS = [
+    ("NCHW", "OIHW", "NCHW"),
+    ("NHWC", "HWIO", "NHWC"),
+    ("NHWC", "HWIO", "NCHW"),
+    ("NCHW", "HWIO", "NHWC"),
+]
+
+
+@pytest.mark.parametrize(
+    ("dn", "stride", "padding", "dilation", "multiplier"),
+    [
+        (LAYOUTS[0], (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
+        (LAYOUTS[0], (2, 2), ((0, 1), (1, 0)), (1, 1), 1),
+        (LAYOUTS[1], (1, 2), ((2, 2), (2, 2)), (2, 1), 2),
+        (LAYOUTS[2], (2, 1), ((1, 1), (0, 0)), (1, 1), 1),
+    ],
+)
+def test_depthwise_as_shifted_slices(dn, stride, padding, dilation, multiplier) -> None:
+    c = 6
+    lhs, rhs = _operands(dn, c, c * multiplier, (3, 3), c, np.random.default_rng(0))
+    params = _params(lhs.shape, rhs.shape, dn, stride, padding, dilation, c)
+    assert depthwise.is_depthwise(params, lhs.shape, rhs.shape)
+    _check(conv_forms._depthwise_conv, lhs, rhs, params)
+
+
+@pytest.mark.parametrize("dn", LAYOUTS)
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+def test_pointwise_as_a_dot(dn, stride) -> None:
+    lhs, rhs = _operands(dn, 24, 40, (1, 1), 1, np.random.default_rng(1))
+    params = _params(lhs.shape, rhs.shape, dn, stride, ((0, 0), (0, 0)), (1, 1), 1)
+    assert conv_forms.is_pointwise(params, lhs.shape, rhs.shape)
+    _check(conv_forms.pointwise_conv, lhs, rhs, params)
+
+
+@pytest.mark.parametrize("dn", LAYOUTS)
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation"),
+    [
+        ((3, 3), (2, 2), ((0, 1), (0, 1)), (1, 1)),
+        ((5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1)),
+        ((3, 2), (1, 2), ((1, 0), (2, 1)), (2, 1)),
+    ],
+)
+def test_few_input_channels_as_an_im2col_dot(dn, kernel, stride, padding, dilation) -> None:
+    lhs, rhs = _operands(dn, 3, 32, kernel, 1, np.random.default_rng(2))
+    params = _params(lhs.shape, rhs.shape, dn, stride, padding, dilation, 1)
+    assert conv_forms.has_few_input_channels(params, lhs.shape, rhs.shape)
+    _check(conv_forms.im2col_conv, lhs, rhs, params)
+
+
+@pytest.mark.parametrize(
+    ("c_in", "kernel", "groups", "form"),
+    [
+        (6, (3, 3), 6, "_depthwise_conv"),
+        (24, (1, 1), 1, "pointwise_conv"),
+        (3, (3, 3), 1, "im2col_conv"),
+        (24, (3, 3), 1, "generic_conv"),
+        (24, (3, 3), 2, "generic_conv"),
+    ],
+)
+def test_cpu_picks_the_form_and_agrees_with_xla(c_in, kernel, groups, form) -> None:
+    dn = LAYOUTS[0]
+    lhs, rhs = _operands(dn, c_in, 24, kernel, groups, np.random.default_rng(3))
+    params = _params(lhs.shape, rhs.shape, dn, (1, 1), ((0, 0), (0, 0)), (1, 1), groups)
+    assert conv_forms._lowering(conv_forms.CPU_FORMS, lhs, rhs, params).__name__ == form
+    expected = lax.conv_general_dilated_p.bind(jnp.asarray(lhs), jnp.asarray(rhs), **params)
+    got = jax.jit(lambda a, b: conv_forms.conv(a, b, params))(lhs, rhs)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
