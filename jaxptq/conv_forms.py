@@ -2,13 +2,17 @@
 
 XLA:CPU gives a convolution to YNNPACK only in NHWC/HWIO layout with more than 16
 channels; anything else (every NCHW convolution of an ONNX model, LeNet's 1- and
-6-channel layers) falls back to a slow loop, for `s8` operands an `s32` one. A dot has no
-layout to miss. Measured here at batch 32 (2-core AVX-512 VM, jax 0.10.2):
+6-channel layers) falls back to a slower loop, for `s8` operands an `s32` one 5-20x slower
+still. A dot has no layout to miss, and YNNPACK's `s8` dot is faster than its `s8`
+convolution. Measured here at batch 32 (2-core AVX-512 VM, jax 0.10.2):
 
 - pointwise (1x1) NCHW convolutions as a dot over the channel axis: 1.3-1.7x faster in
   float32 (e.g. 96->24 on 56x56: 90 -> 53 ms) and 2-5x in int8 (38-52 -> 10-13 ms);
-- EfficientNet's 3-channel stem as one dot over im2col patches: 128 -> 81 ms float32,
-  122 -> 73 ms int8;
+- int8 convolutions as one dot over im2col patches: the convnet's NHWC 3x3 layers 10-40%
+  faster than YNNPACK's int8 convolution (the 3-channel first layer 7.5 -> 1.9 ms), an
+  NCHW 64-channel 3x3 layer 263 -> 14 ms; float32 only where YNNPACK would not take the
+  convolution and channels are few (EfficientNet's stem 128 -> 81 ms), since XLA's float
+  NCHW 3x3 convolution beats im2col 2-3x at 64 channels;
 - depthwise convolutions as shifted slices (`jaxptq.depthwise`): 73 -> 1.1 ms.
 
 Every form sums the same products, so integer results are identical; float ones differ
@@ -18,6 +22,7 @@ except depthwise, which is faster everywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +34,12 @@ from jaxptq import depthwise
 
 Params = dict[str, Any]
 
-# Below this many input channels a convolution is not YNNPACK's, and the patches of an
-# im2col dot (kernel taps x channels wide) stay small.
+# At most this many input channels, a float convolution YNNPACK does not take is cheaper as
+# one dot over patches (taps x channels wide).
 _FEW_INPUT_CHANNELS = 16
+# Larger patch matrices cost more memory than the dot saves (one 224x224x64 3x3 layer at
+# batch 32 would need 925 MB in int8); those convolutions keep XLA's form.
+_MAX_PATCH_BYTES = 256 << 20
 
 
 def _is_plain(params: Params) -> bool:
@@ -43,21 +51,59 @@ def _is_plain(params: Params) -> bool:
     )
 
 
-def is_pointwise(params: Params, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...]) -> bool:
+def _is_depthwise(params: Params, x: Any, w: Any) -> bool:
+    return depthwise.is_depthwise(params, x.shape, w.shape)
+
+
+def is_pointwise(params: Params, x: Any, w: Any) -> bool:
     """A 1x1 kernel without padding: a dot over the channel axis of (strided) pixels."""
     rhs_spec = params["dimension_numbers"][1]
     return (
         _is_plain(params)
-        and all(rhs_shape[a] == 1 for a in rhs_spec[2:])
+        and all(w.shape[a] == 1 for a in rhs_spec[2:])
         and all(p == (0, 0) for p in params["padding"])
     )
 
 
-def has_few_input_channels(
-    params: Params, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...]
-) -> bool:
+def _ynn_takes(params: Params, x: Any, w: Any) -> bool:
+    """XLA:CPU's test for handing a float convolution to YNNPACK
+    (`IsConvolutionOpSupportedByYnn`): 2D, NHWC in and out, HWIO, over 16 channels."""
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    nhwc = (0, 3, 1, 2)
+    return (
+        tuple(lhs_spec) == nhwc
+        and tuple(out_spec) == nhwc
+        and tuple(rhs_spec) == (3, 2, 0, 1)
+        and max(x.shape[3], w.shape[3]) > 16
+    )
+
+
+def _patch_bytes(params: Params, x: Any, w: Any) -> int:
+    lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+    dilation = params.get("rhs_dilation") or (1,) * len(lhs_spec[2:])
+    pixels = 1
+    for a, k, (lo, hi), s, d in zip(
+        lhs_spec[2:],
+        rhs_spec[2:],
+        params["padding"],
+        params["window_strides"],
+        dilation,
+        strict=True,
+    ):
+        pixels *= (x.shape[a] + lo + hi - (w.shape[k] - 1) * d - 1) // s + 1
+    taps = math.prod(w.shape[k] for k in rhs_spec[2:])
+    return x.shape[lhs_spec[0]] * pixels * taps * x.shape[lhs_spec[1]] * x.dtype.itemsize
+
+
+def im2col_pays(params: Params, x: Any, w: Any) -> bool:
+    """Integer convolutions always (YNNPACK's s8 dot beats its s8 convolution, and NCHW s8
+    falls to an s32 loop); float ones with few channels that YNNPACK would not take."""
+    if not _is_plain(params) or _patch_bytes(params, x, w) > _MAX_PATCH_BYTES:
+        return False
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return True
     lhs_spec = params["dimension_numbers"][0]
-    return _is_plain(params) and lhs_shape[lhs_spec[1]] <= _FEW_INPUT_CHANNELS
+    return x.shape[lhs_spec[1]] <= _FEW_INPUT_CHANNELS and not _ynn_takes(params, x, w)
 
 
 def _channels_last(x: Any, spec: tuple[int, ...]) -> Any:
@@ -147,14 +193,14 @@ def _depthwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
     return depthwise.depthwise_conv(x, w, params, acc, pad_value)
 
 
-Applies = Callable[[Params, tuple[int, ...], tuple[int, ...]], bool]
+Applies = Callable[[Params, Any, Any], bool]  # (params, x, w): arrays or tracers
 Lowering = Callable[..., Any]  # (x, w, params, pad_value) -> output
 
 # First match wins; XLA:CPU only. Elsewhere depthwise is the one rewrite.
 CPU_FORMS: tuple[tuple[Applies, Lowering], ...] = (
-    (depthwise.is_depthwise, _depthwise_conv),
+    (_is_depthwise, _depthwise_conv),
     (is_pointwise, pointwise_conv),
-    (has_few_input_channels, im2col_conv),
+    (im2col_pays, im2col_conv),
 )
 
 
@@ -162,7 +208,7 @@ def _lowering(
     forms: tuple[tuple[Applies, Lowering], ...], x: Any, w: Any, params: Params
 ) -> Lowering:
     for applies, lowering in forms:
-        if applies(params, x.shape, w.shape):
+        if applies(params, x, w):
             return lowering
     return generic_conv
 

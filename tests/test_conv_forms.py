@@ -77,7 +77,7 @@ def test_depthwise_as_shifted_slices(dn, stride, padding, dilation, multiplier) 
 def test_pointwise_as_a_dot(dn, stride) -> None:
     lhs, rhs = _operands(dn, 24, 40, (1, 1), 1, np.random.default_rng(1))
     params = _params(lhs.shape, rhs.shape, dn, stride, ((0, 0), (0, 0)), (1, 1), 1)
-    assert conv_forms.is_pointwise(params, lhs.shape, rhs.shape)
+    assert conv_forms.is_pointwise(params, lhs, rhs)
     _check(conv_forms.pointwise_conv, lhs, rhs, params)
 
 
@@ -90,28 +90,53 @@ def test_pointwise_as_a_dot(dn, stride) -> None:
         ((3, 2), (1, 2), ((1, 0), (2, 1)), (2, 1)),
     ],
 )
-def test_few_input_channels_as_an_im2col_dot(dn, kernel, stride, padding, dilation) -> None:
+def test_im2col_dot(dn, kernel, stride, padding, dilation) -> None:
     lhs, rhs = _operands(dn, 3, 32, kernel, 1, np.random.default_rng(2))
     params = _params(lhs.shape, rhs.shape, dn, stride, padding, dilation, 1)
-    assert conv_forms.has_few_input_channels(params, lhs.shape, rhs.shape)
+    assert conv_forms.im2col_pays(params, lhs, rhs)
     _check(conv_forms.im2col_conv, lhs, rhs, params)
 
 
 @pytest.mark.parametrize(
-    ("c_in", "kernel", "groups", "form"),
+    ("dtype", "dn", "c_in", "kernel", "groups", "form"),
     [
-        (6, (3, 3), 6, "_depthwise_conv"),
-        (24, (1, 1), 1, "pointwise_conv"),
-        (3, (3, 3), 1, "im2col_conv"),
-        (24, (3, 3), 1, "generic_conv"),
-        (24, (3, 3), 2, "generic_conv"),
+        (np.int8, LAYOUTS[0], 6, (3, 3), 6, "_depthwise_conv"),
+        (np.int8, LAYOUTS[0], 24, (1, 1), 1, "pointwise_conv"),
+        (np.int8, LAYOUTS[0], 3, (3, 3), 1, "im2col_conv"),
+        (np.int8, LAYOUTS[1], 24, (3, 3), 1, "im2col_conv"),
+        (np.int8, LAYOUTS[0], 24, (3, 3), 2, "generic_conv"),
+        (np.float32, LAYOUTS[0], 24, (1, 1), 1, "pointwise_conv"),
+        (np.float32, LAYOUTS[0], 3, (3, 3), 1, "im2col_conv"),
+        (np.float32, LAYOUTS[0], 24, (3, 3), 1, "generic_conv"),
+        (np.float32, LAYOUTS[1], 3, (3, 3), 1, "generic_conv"),  # YNNPACK takes it
     ],
 )
-def test_cpu_picks_the_form_and_agrees_with_xla(c_in, kernel, groups, form) -> None:
-    dn = LAYOUTS[0]
+def test_cpu_picks_the_form_and_agrees_with_xla(dtype, dn, c_in, kernel, groups, form) -> None:
     lhs, rhs = _operands(dn, c_in, 24, kernel, groups, np.random.default_rng(3))
-    params = _params(lhs.shape, rhs.shape, dn, (1, 1), ((0, 0), (0, 0)), (1, 1), groups)
+    lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+    params = _params(lhs.shape, rhs.shape, dn, (1, 1), ((1, 1), (0, 0)), (1, 1), groups)
+    if dtype == np.float32:
+        params["preferred_element_type"] = None
+    if kernel == (1, 1):
+        params["padding"] = ((0, 0), (0, 0))
     assert conv_forms._lowering(conv_forms.CPU_FORMS, lhs, rhs, params).__name__ == form
     expected = lax.conv_general_dilated_p.bind(jnp.asarray(lhs), jnp.asarray(rhs), **params)
     got = jax.jit(lambda a, b: conv_forms.conv(a, b, params))(lhs, rhs)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-2)
+
+
+def test_a_zero_point_pads_every_form() -> None:
+    """`pad_value` fills the padding in each form as an explicitly padded VALID conv does."""
+    rng = np.random.default_rng(4)
+    for c_in, groups in ((6, 6), (3, 1), (24, 1), (24, 2)):
+        lhs, rhs = _operands(LAYOUTS[0], c_in, 24, (3, 3), groups, rng)
+        padding = ((1, 2), (0, 1))
+        params = _params(lhs.shape, rhs.shape, LAYOUTS[0], (1, 1), padding, (1, 1), groups)
+        padded = np.pad(lhs, ((0, 0), (0, 0), padding[0], padding[1]), constant_values=-37)
+        valid = dict(params, padding=((0, 0), (0, 0)))
+        expected = lax.conv_general_dilated_p.bind(jnp.asarray(padded), jnp.asarray(rhs), **valid)
+        forms = [low for applies, low in conv_forms.CPU_FORMS if applies(params, lhs, rhs)]
+        assert len(forms) == (0 if groups == 2 else 1)
+        for lowering in (*forms, conv_forms.generic_conv):
+            got = lowering(jnp.asarray(lhs), jnp.asarray(rhs), params, -37)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
