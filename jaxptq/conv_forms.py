@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxptq import depthwise
+from jaxptq import depthwise, u8s8
 
 Params = dict[str, Any]
 
@@ -120,6 +120,8 @@ def _from_channels_last(y: Any, out_spec: tuple[int, ...]) -> Any:
 
 def _dot(patches: Any, w_matrix: Any, params: Params) -> Any:
     """`patches[..., K] @ w_matrix[K, O]` with the convolution's precision and dtype."""
+    if patches.dtype == w_matrix.dtype == jnp.int8:
+        return u8s8.dot(patches, w_matrix)
     return lax.dot_general(
         patches,
         w_matrix,

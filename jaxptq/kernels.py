@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxptq import conv_forms, qmath
+from jaxptq import conv_forms, qmath, u8s8
 from jaxptq.graph import Site
 from jaxptq.layout import SiteLayout, site_layout, to_output
 from jaxptq.plan import SitePlan
@@ -35,6 +35,14 @@ def _bind_int(site: Site, x_q: Any, w_q: Any, params: dict[str, Any], pad_value:
         params["precision"] = None
     if site.primitive == "conv_general_dilated":
         return conv_forms.conv(x_q, w_q, params, pad_value)
+    (lhs_contract, rhs_contract), batch = params["dimension_numbers"]
+    if (
+        site.weight_index == 1
+        and w_q.ndim == 2
+        and not batch[0]
+        and tuple(lhs_contract) == (x_q.ndim - 1,)
+    ):  # x[..., K] @ w: the u8 x s8 form on XLA:CPU
+        return u8s8.dot(x_q, w_q if tuple(rhs_contract) == (0,) else w_q.T)
     return site.node.primitive.bind(*_operands(site, x_q, w_q), **params)
 
 

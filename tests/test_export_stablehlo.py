@@ -13,10 +13,11 @@ from jaxptq.export import export_stablehlo, load_stablehlo
 
 
 def _int_ops(text: str) -> list[str]:
-    """The convolution / dot_general lines whose operands are i8 and result i32."""
+    """The convolution / dot_general lines whose operands are 8-bit and result i32 (on
+    XLA:CPU activations are u8 against i8 weights: jaxptq/u8s8.py)."""
     pattern = r"stablehlo\.(convolution|dot_general)"
     lines = [line for line in text.splitlines() if re.search(pattern, line)]
-    return [line for line in lines if re.search(r"xi8>.*xi8>.*\) -> tensor<[0-9x]*xi32>", line)]
+    return [line for line in lines if re.search(r"xu?i8>.*xi8>.*\) -> tensor<[0-9x]*xi32>", line)]
 
 
 @pytest.mark.parametrize("quant_type", ["FULL_QUANT", "DYNAMIC_QUANT"])
@@ -26,7 +27,8 @@ def test_lenet_integer_program_reloads_bit_for_bit(lenet, calib, digits_data, tm
     path = export_stablehlo(qfn, tmp_path / "lenet.shlo", x)
     loaded = load_stablehlo(path)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(qfn(x)))
-    # The reloaded program is the integer one: 2 convolutions and 3 dots on i8 -> i32.
+    # The reloaded program is the integer one: 5 dots on 8-bit operands (LeNet's two
+    # convolutions are im2col dots on XLA:CPU, conv_forms.py).
     text = loaded.mlir_module()
     assert len(_int_ops(text)) == 5, text[:2000]
     # Weights are arguments stored beside the module, not constants inside it.

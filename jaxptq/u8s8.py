@@ -1,0 +1,81 @@
+"""Integer dots as `u8 x s8 -> s32` on XLA:CPU, the form x86's VNNI multiplies natively.
+
+`sum_k x w = sum_k (x + 128) w - 128 sum_k w` holds exactly in int32, and `x + 128` of an
+int8 is its bit pattern with the top bit flipped, read as uint8. YNNPACK takes `u8 x s8`
+dots (`IsDotSupportedByYnn`); measured here at batch 32 they ran 2.3-2.6x faster than its
+`s8 x s8` ones for the convnet's 1152- and 2304-deep patch dots (9.5 -> 4.1 ms,
+10.7 -> 4.1 ms) and 1.1-1.2x on shallow, memory-bound ones.
+
+`lax.dot_general` converts operands of different dtypes to a common one before the dot,
+so `u8s8_dot_p` is a primitive of its own that lowers to one mixed-type StableHLO
+`dot_general`. Other platforms keep `s8 x s8` (cuDNN and cuBLAS take signed int8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core
+from jax.extend.mlir.dialects import stablehlo as hlo
+from jax.interpreters import batching, mlir
+
+u8s8_dot_p = core.Primitive("u8s8_dot")
+
+
+def _abstract_eval(x: Any, w: Any) -> Any:
+    """`x[..., K] (uint8) @ w[K, N] (int8) -> int32[..., N]`."""
+    if x.dtype != jnp.uint8 or w.dtype != jnp.int8 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise TypeError(f"u8s8_dot takes uint8[..., K] and int8[K, N], got {x} and {w}")
+    return jax.core.ShapedArray((*x.shape[:-1], w.shape[1]), jnp.int32)
+
+
+def _lowering(ctx: mlir.LoweringRuleContext, x: Any, w: Any) -> list[Any]:
+    out_type = mlir.aval_to_ir_type(ctx.module_context, ctx.avals_out[0])
+    dims = hlo.DotDimensionNumbers.get(
+        lhs_batching_dimensions=[],
+        rhs_batching_dimensions=[],
+        lhs_contracting_dimensions=[len(ctx.avals_in[0].shape) - 1],  # type: ignore[attr-defined]
+        rhs_contracting_dimensions=[0],
+    )
+    return [hlo.dot_general(out_type, x, w, dims)]
+
+
+def _exact_int32(x: Any, w: Any) -> Any:
+    return lax.dot_general(
+        x.astype(jnp.int32), w.astype(jnp.int32), (((x.ndim - 1,), (0,)), ((), ()))
+    )
+
+
+def _batching(args: tuple[Any, Any], dims: tuple[Any, Any]) -> tuple[Any, int]:
+    x, w = args
+    x_dim, w_dim = dims
+    if w_dim is not None:  # weights vmapped too: rare, so the plain int32 dot
+        return jax.vmap(_exact_int32, in_axes=(x_dim, w_dim))(x, w), 0
+    return u8s8_dot_p.bind(jnp.moveaxis(x, x_dim, 0), w), 0
+
+
+u8s8_dot_p.def_abstract_eval(_abstract_eval)
+u8s8_dot_p.def_impl(_exact_int32)
+mlir.register_lowering(u8s8_dot_p, _lowering)
+batching.primitive_batchers[u8s8_dot_p] = _batching
+
+
+def _flip_to_uint8(x: Any) -> Any:
+    return lax.bitcast_convert_type(x, jnp.uint8) ^ jnp.uint8(0x80)
+
+
+def dot(x: Any, w: Any) -> Any:
+    """`x[..., K] @ w[K, N]` of int8 operands, exactly, as int32: `u8 x s8` on XLA:CPU."""
+
+    def on_cpu(x: Any, w: Any) -> Any:
+        w_sum = jnp.sum(w.astype(jnp.int32), axis=0)
+        return u8s8_dot_p.bind(_flip_to_uint8(x), w) - 128 * w_sum
+
+    def elsewhere(x: Any, w: Any) -> Any:
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        return lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
+
+    return lax.platform_dependent(x, w, cpu=on_cpu, default=elsewhere)

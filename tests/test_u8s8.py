@@ -1,0 +1,56 @@
+"""The `u8 x s8` form of an integer dot is exact, batches, exports, and is what XLA:CPU gets."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import export
+
+from jaxptq import u8s8
+
+
+def _int8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(-128, 128, size=shape).astype(np.int8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    k=st.integers(1, 40),
+    n=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_equals_the_int64_reference(lead, k, n, seed) -> None:
+    rng = np.random.default_rng(seed)
+    x, w = _int8(rng, (*lead, k)), _int8(rng, (k, n))
+    x[..., 0] = -128  # the extremes, where an off-by-128 would show
+    w[0] = -128
+    want = x.astype(np.int64) @ w.astype(np.int64)
+    got = np.asarray(jax.jit(u8s8.dot)(x, w))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_vmap_over_activations_and_over_weights() -> None:
+    rng = np.random.default_rng(0)
+    x, w = _int8(rng, (3, 5, 16)), _int8(rng, (2, 16, 4))
+    ref = np.einsum("bmk,wkn->wbmn", x.astype(np.int64), w.astype(np.int64))
+    by_rows = jax.vmap(u8s8.dot, in_axes=(1, None))(x, w[0])
+    np.testing.assert_array_equal(np.asarray(by_rows), np.moveaxis(ref[0], 1, 0))
+    by_weights = jax.vmap(u8s8.dot, in_axes=(None, 0))(x, w)
+    np.testing.assert_array_equal(np.asarray(by_weights), ref)
+
+
+def test_stablehlo_is_u8_on_cpu_and_s8_elsewhere_and_exports() -> None:
+    rng = np.random.default_rng(1)
+    x, w = _int8(rng, (8, 32)), _int8(rng, (32, 4))
+    cpu = jax.jit(u8s8.dot).lower(x, w).as_text()
+    assert "tensor<8x32xui8>, tensor<32x4xi8>) -> tensor<8x4xi32>" in cpu
+    cuda = export.export(jax.jit(u8s8.dot), platforms=("cuda",))(x, w).mlir_module()
+    assert "ui8" not in cuda
+    assert "tensor<8x32xi8>, tensor<32x4xi8>) -> tensor<8x4xi32>" in cuda
+    reloaded = export.deserialize(export.export(jax.jit(u8s8.dot))(x, w).serialize())
+    want = x.astype(np.int64) @ w.astype(np.int64)
+    np.testing.assert_array_equal(np.asarray(reloaded.call(x, w)), want)
