@@ -29,10 +29,16 @@ class SiteBatch(NamedTuple):
 
 
 def site_batch(x: jax.Array, valid: jax.Array) -> SiteBatch:
-    flat = x.reshape(x.shape[0], -1)
-    # Two plain reductions: a variadic one (one read of x) measured slower on XLA:CPU.
-    row_min = jnp.min(flat, axis=1, initial=jnp.inf)
-    return SiteBatch(x, valid, row_min, jnp.max(flat, axis=1, initial=-jnp.inf))
+    # One variadic reduction (both extremes in one read of x). Two plain ones go to
+    # YNNPACK, which XLA:CPU first rewrites into padded reduce-windows for large
+    # activations: 2.5 s each for 16x96x112x112 in EfficientNet-Lite0's calibration step.
+    row_min, row_max = lax.reduce(
+        (x, x),
+        (jnp.array(jnp.inf, x.dtype), jnp.array(-jnp.inf, x.dtype)),
+        lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+        tuple(range(1, x.ndim)),
+    )
+    return SiteBatch(x, valid, row_min, row_max)
 
 
 def nonfinite_rows(batch: SiteBatch) -> jax.Array:

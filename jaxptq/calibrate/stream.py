@@ -114,7 +114,10 @@ def _local_step(
         acts = site_fn(*args)
         new, flags = {}, []
         for name in names:
-            batch = site_batch(jnp.asarray(acts[name], jnp.float32), valid)
+            # Materialised once: an activation computed channels last (jaxptq.conv_forms)
+            # is otherwise re-read through a transpose by every statistic's fusion.
+            x = jax.lax.optimization_barrier(jnp.asarray(acts[name], jnp.float32))
+            batch = site_batch(x, valid)
             new[name] = observer.update(stats[name], batch, axis)
             flags.append(nonfinite_rows(batch))
         local = jnp.stack(flags)
