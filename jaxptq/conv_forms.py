@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxptq import depthwise, u8s8
@@ -147,32 +146,11 @@ def pointwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
 
 
 def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
-    """One dot over patches (taps x channels wide): cheap to build when channels are few."""
+    """One dot over patches, taps x channels wide, tap-major as `w` is reshaped."""
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     x = _channels_last(x, lhs_spec)
-    spatial = range(1, x.ndim - 1)
-    config = [(0, 0, 0)] * x.ndim
-    for axis, (lo, hi) in zip(spatial, params["padding"], strict=True):
-        config[axis] = (lo, hi, 0)
-    x = lax.pad(x, jnp.asarray(pad_value, x.dtype), config)
     w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (k..., I, O)
-    kernel = w.shape[:-2]
-    strides = params["window_strides"]
-    dilation = params.get("rhs_dilation") or (1,) * len(kernel)
-    out_sizes = [
-        (x.shape[a] - (k - 1) * d - 1) // s + 1
-        for a, k, d, s in zip(spatial, kernel, dilation, strides, strict=True)
-    ]
-    taps = []
-    for offsets in np.ndindex(*kernel):
-        start = [0] * x.ndim
-        limit = list(x.shape)
-        step = [1] * x.ndim
-        for a, o, d, s, n in zip(spatial, offsets, dilation, strides, out_sizes, strict=True):
-            start[a] = o * d
-            limit[a] = o * d + (n - 1) * s + 1
-            step[a] = s
-        taps.append(lax.slice(x, start, limit, step))
+    taps = [tap for _, tap in depthwise.shifted_taps(x, w.shape[:-2], params, pad_value)]
     patches = jnp.concatenate(taps, axis=-1)  # tap-major, then channel: w's order below
     w_matrix = w.reshape(-1, w.shape[-1])
     return _from_channels_last(_dot(patches, w_matrix, params), out_spec)

@@ -36,31 +36,23 @@ def is_depthwise(
     )
 
 
-def depthwise_conv(
-    x: Any, w: Any, params: dict[str, Any], acc_dtype: Any, pad_value: Any = 0
-) -> Any:
-    """The convolution `conv_general_dilated_p.bind(x, w, **params)` computes, when
-    `is_depthwise` holds, accumulated in `acc_dtype`; padding holds `pad_value`."""
-    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (N, spatial..., C)
+def shifted_taps(
+    x: Any, kernel: tuple[int, ...], params: dict[str, Any], pad_value: Any = 0
+) -> list[tuple[tuple[int, ...], Any]]:
+    """For channels-last `x` (N, spatial..., C), padded with `pad_value` as `params` say:
+    each kernel offset with the strided slice of `x` that the offset multiplies."""
     spatial = range(1, x.ndim - 1)
-    strides = params["window_strides"]
     config = [(0, 0, 0)] * x.ndim
     for axis, (lo, hi) in zip(spatial, params["padding"], strict=True):
         config[axis] = (lo, hi, 0)
     x = lax.pad(x, jnp.asarray(pad_value, x.dtype), config)
-    w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))[..., 0, :]  # (k..., O)
-    multiplier = w.shape[-1] // x.shape[-1]
-    if multiplier > 1:  # output channel g * M + m reads input channel g
-        x = jnp.repeat(x, multiplier, axis=-1)
-    w = w.astype(acc_dtype)
-    kernel = w.shape[:-1]
+    strides = params["window_strides"]
     dilation = params.get("rhs_dilation") or (1,) * len(kernel)
     out_sizes = [
         (x.shape[a] - (k - 1) * d - 1) // s + 1
         for a, k, d, s in zip(spatial, kernel, dilation, strides, strict=True)
     ]
-    acc: Any = None
+    taps = []
     for offsets in np.ndindex(*kernel):
         start = [0] * x.ndim
         limit = list(x.shape)
@@ -69,8 +61,26 @@ def depthwise_conv(
             start[a] = o * d
             limit[a] = o * d + (n - 1) * s + 1
             step[a] = s
+        taps.append((offsets, lax.slice(x, start, limit, step)))
+    return taps
+
+
+def depthwise_conv(
+    x: Any, w: Any, params: dict[str, Any], acc_dtype: Any, pad_value: Any = 0
+) -> Any:
+    """The convolution `conv_general_dilated_p.bind(x, w, **params)` computes, when
+    `is_depthwise` holds, accumulated in `acc_dtype`; padding holds `pad_value`."""
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (N, spatial..., C)
+    w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))[..., 0, :]  # (k..., O)
+    multiplier = w.shape[-1] // x.shape[-1]
+    if multiplier > 1:  # output channel g * M + m reads input channel g
+        x = jnp.repeat(x, multiplier, axis=-1)
+    w = w.astype(acc_dtype)
+    acc: Any = None
+    for offsets, tap in shifted_taps(x, w.shape[:-1], params, pad_value):
         # Converted per tap, so the padded input stays in its own (int8) dtype in memory.
-        term = lax.slice(x, start, limit, step).astype(acc_dtype) * w[offsets]
+        term = tap.astype(acc_dtype) * w[offsets]
         acc = term if acc is None else acc + term
     logical = (0, *range(2, x.ndim), 1)  # the logical dim held by each axis of `acc`
     return jnp.transpose(acc, [logical.index(out_spec.index(a)) for a in range(x.ndim)])
