@@ -117,10 +117,10 @@ def _from_channels_last(y: Any, out_spec: tuple[int, ...]) -> Any:
     return jnp.transpose(y, perm)
 
 
-def _dot(patches: Any, w_matrix: Any, params: Params) -> Any:
+def _dot(patches: Any, w_matrix: Any, params: Params, w_sum: Any) -> Any:
     """`patches[..., K] @ w_matrix[K, O]` with the convolution's precision and dtype."""
     if patches.dtype == w_matrix.dtype == jnp.int8:
-        return u8s8.dot(patches, w_matrix)
+        return u8s8.dot(patches, w_matrix, w_sum)
     return lax.dot_general(
         patches,
         w_matrix,
@@ -130,7 +130,7 @@ def _dot(patches: Any, w_matrix: Any, params: Params) -> Any:
     )
 
 
-def pointwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
+def pointwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
     del pad_value  # no padding: `is_pointwise`
     # Channels last, whatever the layout: (pixels, I) @ (I, O). Computing (O, I) @ (I, pixels)
     # per image instead skips the transposes but measured 25% slower on EfficientNet-Lite0,
@@ -142,10 +142,10 @@ def pointwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
         x = x[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
     w_matrix = jnp.transpose(w, (rhs_spec[1], rhs_spec[0], *rhs_spec[2:]))
     w_matrix = w_matrix.reshape(w_matrix.shape[0], w_matrix.shape[1])  # (I, O)
-    return _from_channels_last(_dot(x, w_matrix, params), out_spec)
+    return _from_channels_last(_dot(x, w_matrix, params, w_sum), out_spec)
 
 
-def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
+def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
     """One dot over patches, taps x channels wide, tap-major as `w` is reshaped."""
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     x = _channels_last(x, lhs_spec)
@@ -153,11 +153,12 @@ def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
     taps = [tap for _, tap in depthwise.shifted_taps(x, w.shape[:-2], params, pad_value)]
     patches = jnp.concatenate(taps, axis=-1)  # tap-major, then channel: w's order below
     w_matrix = w.reshape(-1, w.shape[-1])
-    return _from_channels_last(_dot(patches, w_matrix, params), out_spec)
+    return _from_channels_last(_dot(patches, w_matrix, params, w_sum), out_spec)
 
 
-def generic_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
+def generic_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
     """XLA's convolution; a nonzero `pad_value` is padded explicitly and the conv made VALID."""
+    del w_sum  # only the dot forms use it
     if pad_value == 0 or all(p == (0, 0) for p in params["padding"]):
         return lax.conv_general_dilated_p.bind(x, w, **params)
     config = [(0, 0, 0)] * x.ndim
@@ -168,13 +169,14 @@ def generic_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
     return lax.conv_general_dilated_p.bind(x, w, **params)
 
 
-def _depthwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
+def _depthwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
+    del w_sum  # only the dot forms use it
     acc = params.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
     return depthwise.depthwise_conv(x, w, params, acc, pad_value)
 
 
 Applies = Callable[[Params, Any, Any], bool]  # (params, x, w): arrays or tracers
-Lowering = Callable[..., Any]  # (x, w, params, pad_value) -> output
+Lowering = Callable[..., Any]  # (x, w, params, pad_value, w_sum) -> output
 
 # First match wins; XLA:CPU only. Elsewhere depthwise is the one rewrite.
 CPU_FORMS: tuple[tuple[Applies, Lowering], ...] = (
@@ -193,17 +195,20 @@ def _lowering(
     return generic_conv
 
 
-def conv(x: Any, w: Any, params: Params, pad_value: Any = 0) -> Any:
+def conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
     """`conv_general_dilated_p.bind(x, w, **params)` in the fastest form for the platform,
     with the padding filled with `pad_value` (an activation's zero-point code) instead of 0.
+    `w_sum`, the int32 sum of an int8 `w` per output channel, spares the dot forms that
+    reduction.
     """
     on_cpu = _lowering(CPU_FORMS, x, w, params)
     elsewhere = _lowering(CPU_FORMS[:1], x, w, params)
     if on_cpu is elsewhere:
-        return on_cpu(x, w, params, pad_value)
+        return on_cpu(x, w, params, pad_value, w_sum)
     return lax.platform_dependent(
         x,
         w,
-        cpu=lambda x, w: on_cpu(x, w, params, pad_value),
-        default=lambda x, w: elsewhere(x, w, params, pad_value),
+        w_sum,
+        cpu=lambda x, w, w_sum: on_cpu(x, w, params, pad_value, w_sum),
+        default=lambda x, w, w_sum: elsewhere(x, w, params, pad_value, w_sum),
     )

@@ -27,14 +27,22 @@ def _operands(site: Site, x: Any, w: Any) -> tuple[Any, Any]:
     return (w, x) if site.weight_index == 0 else (x, w)
 
 
-def _bind_int(site: Site, x_q: Any, w_q: Any, params: dict[str, Any], pad_value: int = 0) -> Any:
+def _bind_int(
+    site: Site,
+    x_q: Any,
+    w_q: Any,
+    params: dict[str, Any],
+    pad_value: int = 0,
+    w_sum: Any = None,
+) -> Any:
     """The i8 x i8 -> i32 dot/convolution, with the site's own dimension numbers; a
-    convolution's padding holds `pad_value`."""
+    convolution's padding holds `pad_value`. `w_sum` (`_weight_sum`) is for the u8 x s8
+    form XLA:CPU gets (`jaxptq.u8s8`)."""
     params = dict(params, preferred_element_type=np.dtype(np.int32))
     if "precision" in params:
         params["precision"] = None
     if site.primitive == "conv_general_dilated":
-        return conv_forms.conv(x_q, w_q, params, pad_value)
+        return conv_forms.conv(x_q, w_q, params, pad_value, w_sum)
     (lhs_contract, rhs_contract), batch = params["dimension_numbers"]
     if (
         site.weight_index == 1
@@ -42,7 +50,7 @@ def _bind_int(site: Site, x_q: Any, w_q: Any, params: dict[str, Any], pad_value:
         and not batch[0]
         and tuple(lhs_contract) == (x_q.ndim - 1,)
     ):  # x[..., K] @ w: the u8 x s8 form on XLA:CPU
-        return u8s8.dot(x_q, w_q if tuple(rhs_contract) == (0,) else w_q.T)
+        return u8s8.dot(x_q, w_q if tuple(rhs_contract) == (0,) else w_q.T, w_sum)
     return site.node.primitive.bind(*_operands(site, x_q, w_q), **params)
 
 
@@ -70,6 +78,16 @@ def weight_only_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -
     return site.node.primitive.bind(*_operands(site, x, w), **site.node.params)
 
 
+def _weight_sum(plan: SitePlan, site: Site) -> Args:
+    """`{"w_sum": sum of w_q over its contracting axes}`, int32 per output channel, where
+    the weight has one output axis: computed once here rather than in every call."""
+    assert plan.weight_q is not None
+    lay = site_layout(site)
+    if len(lay.weight_channel_axes) != 1:
+        return {}
+    return {"w_sum": plan.weight_q.astype(np.int32).sum(axis=lay.weight_contracting)}
+
+
 # --- static int8 (FULL_QUANT) -------------------------------------------------------------
 
 
@@ -82,6 +100,7 @@ def static_args(plan: SitePlan, site: Site) -> Args:
         "q": plan.weight_q.astype(np.int8),
         "inv_scale": np.float32(1.0 / plan.act_scale),
         "out_scale": (np.float32(plan.act_scale) * w_scale).astype(np.float32),
+        **_weight_sum(plan, site),
     }
     if plan.act_zero_point != 0:
         # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q: the second term is a constant.
@@ -106,7 +125,8 @@ def _has_padding(site: Site) -> bool:
 def conv_zero_point_padded(site: Site, x_q: Any, args: Args, zero_point: int) -> Any:
     """XLA:CPU's `sum_k (x_q - zp) w_q`: the input padded with the code `zp` (float 0), the
     per-channel `zp * sum w_q` subtracted in int32, exactly."""
-    acc = _bind_int(site, x_q, args["q"], dict(site.node.params), pad_value=zero_point)
+    params = dict(site.node.params)
+    acc = _bind_int(site, x_q, args["q"], params, zero_point, args.get("w_sum"))
     return (acc - args["zp_term"]).astype(jnp.float32)
 
 
@@ -147,12 +167,13 @@ def static_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any
     x = vals[1 - site.weight_index]
     x_q = _quantize_act(x, args["inv_scale"], plan.act_zero_point)
     if "zp_term" not in args:
-        y = _bind_int(site, x_q, args["q"], dict(site.node.params)).astype(jnp.float32)
+        params = dict(site.node.params)
+        y = _bind_int(site, x_q, args["q"], params, w_sum=args.get("w_sum")).astype(jnp.float32)
     elif site.primitive == "conv_general_dilated":
         y = _conv_minus_zero_point(site, x_q, args, plan.act_zero_point)
     else:
         # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
-        acc = _bind_int(site, x_q, args["q"], dict(site.node.params))
+        acc = _bind_int(site, x_q, args["q"], dict(site.node.params), w_sum=args.get("w_sum"))
         y = (acc - args["zp_term"]).astype(jnp.float32)
     y = y * args["out_scale"]
     if "bias" in args:
@@ -169,6 +190,7 @@ def dynamic_args(plan: SitePlan, site: Site) -> Args:
     return {
         "q": plan.weight_q.astype(np.int8),
         "w_scale": to_output(plan.weight_scale, lay.weight_to_out, lay.out_ndim).astype(np.float32),
+        **_weight_sum(plan, site),
     }
 
 
@@ -186,7 +208,7 @@ def dynamic_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> An
     x = lax.optimization_barrier(vals[1 - site.weight_index])
     scale = dynamic_act_scale(x, lay, per_row=plan.act_mode == "dynamic_row")
     x_q = _quantize_act(x, 1.0 / scale, 0)
-    acc = _bind_int(site, x_q, args["q"], dict(site.node.params))
+    acc = _bind_int(site, x_q, args["q"], dict(site.node.params), w_sum=args.get("w_sum"))
     if plan.act_mode == "dynamic_row":
         scale = to_output(scale, lay.act_to_out, lay.out_ndim)
     else:

@@ -67,17 +67,22 @@ def _flip_to_uint8(x: Any) -> Any:
     return lax.bitcast_convert_type(x, jnp.uint8) ^ jnp.uint8(0x80)
 
 
-def dot(x: Any, w: Any) -> Any:
-    """`x[..., K] @ w[K, N]` of int8 operands, exactly, as int32: `u8 x s8` on XLA:CPU."""
+def dot(x: Any, w: Any, w_sum: Any = None) -> Any:
+    """`x[..., K] @ w[K, N]` of int8 operands, exactly, as int32: `u8 x s8` on XLA:CPU.
 
-    def on_cpu(x: Any, w: Any) -> Any:
-        # Behind a barrier: when `w` is a constant (bias correction closes over weights)
-        # XLA would otherwise fold this sum at compile time, 1-2 s for a 1280x1000 weight.
-        w_sum = jnp.sum(lax.optimization_barrier(w).astype(jnp.int32), axis=0)
+    `w_sum`, `sum_k w` as int32[N], saves the program that reduction when the caller has
+    it already (a plan computes it once with the weights).
+    """
+
+    def on_cpu(x: Any, w: Any, w_sum: Any) -> Any:
+        if w_sum is None:
+            # Behind a barrier: when `w` is a constant XLA would otherwise fold this sum
+            # at compile time, 1-2 s for a 1280x1000 weight.
+            w_sum = jnp.sum(lax.optimization_barrier(w).astype(jnp.int32), axis=0)
         return u8s8_dot_p.bind(_flip_to_uint8(x), w) - 128 * w_sum
 
-    def elsewhere(x: Any, w: Any) -> Any:
+    def elsewhere(x: Any, w: Any, w_sum: Any) -> Any:
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         return lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
 
-    return lax.platform_dependent(x, w, cpu=on_cpu, default=elsewhere)
+    return lax.platform_dependent(x, w, w_sum, cpu=on_cpu, default=elsewhere)
