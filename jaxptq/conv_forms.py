@@ -171,16 +171,21 @@ def generic_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any 
 
 def _depthwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
     del w_sum  # only the dot forms use it
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     acc = params.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
-    return depthwise.depthwise_conv(x, w, params, acc, pad_value)
+    w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))[..., 0, :]  # (k..., O)
+    y = depthwise.depthwise_conv(_channels_last(x, lhs_spec), w, params, acc, pad_value)
+    return _from_channels_last(y, out_spec)
 
 
 Applies = Callable[[Params, Any, Any], bool]  # (params, x, w): arrays or tracers
 Lowering = Callable[..., Any]  # (x, w, params, pad_value, w_sum) -> output
 
-# First match wins; XLA:CPU only. Elsewhere depthwise is the one rewrite.
+# First match wins. Depthwise as shifted slices pays on every platform; the dot forms are
+# for XLA:CPU, whose convolutions miss YNNPACK (above); XLA:GPU keeps cuDNN for the rest.
+EVERYWHERE: tuple[tuple[Applies, Lowering], ...] = ((_is_depthwise, _depthwise_conv),)
 CPU_FORMS: tuple[tuple[Applies, Lowering], ...] = (
-    (_is_depthwise, _depthwise_conv),
+    *EVERYWHERE,
     (is_pointwise, pointwise_conv),
     (im2col_pays, im2col_conv),
 )
@@ -202,7 +207,7 @@ def conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) 
     reduction.
     """
     on_cpu = _lowering(CPU_FORMS, x, w, params)
-    elsewhere = _lowering(CPU_FORMS[:1], x, w, params)
+    elsewhere = _lowering(EVERYWHERE, x, w, params)
     if on_cpu is elsewhere:
         return on_cpu(x, w, params, pad_value, w_sum)
     return lax.platform_dependent(

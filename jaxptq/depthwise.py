@@ -68,11 +68,10 @@ def shifted_taps(
 def depthwise_conv(
     x: Any, w: Any, params: dict[str, Any], acc_dtype: Any, pad_value: Any = 0
 ) -> Any:
-    """The convolution `conv_general_dilated_p.bind(x, w, **params)` computes, when
-    `is_depthwise` holds, accumulated in `acc_dtype`; padding holds `pad_value`."""
-    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-    x = jnp.transpose(x, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))  # (N, spatial..., C)
-    w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))[..., 0, :]  # (k..., O)
+    """The depthwise convolution of channels-last `x` (N, spatial..., C) with `w` as
+    (kernel..., O), accumulated in `acc_dtype`, channels last: padding, strides and
+    dilation come from `params` (whose layouts `jaxptq.conv_forms` has already applied);
+    padding holds `pad_value`."""
     multiplier = w.shape[-1] // x.shape[-1]
     if multiplier > 1:  # output channel g * M + m reads input channel g
         x = jnp.repeat(x, multiplier, axis=-1)
@@ -82,5 +81,4 @@ def depthwise_conv(
         # Converted per tap, so the padded input stays in its own (int8) dtype in memory.
         term = tap.astype(acc_dtype) * w[offsets]
         acc = term if acc is None else acc + term
-    logical = (0, *range(2, x.ndim), 1)  # the logical dim held by each axis of `acc`
-    return jnp.transpose(acc, [logical.index(out_spec.index(a)) for a in range(x.ndim)])
+    return acc

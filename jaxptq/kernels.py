@@ -36,7 +36,7 @@ def _bind_int(
     w_sum: Any = None,
 ) -> Any:
     """The i8 x i8 -> i32 dot/convolution, with the site's own dimension numbers; a
-    convolution's padding holds `pad_value`. `w_sum` (`_weight_sum`) is for the u8 x s8
+    convolution's padding holds `pad_value`. `w_sum` (`_u8_args`) is for the u8 x s8
     form XLA:CPU gets (`jaxptq.u8s8`)."""
     params = dict(params, preferred_element_type=np.dtype(np.int32))
     if "precision" in params:
@@ -78,14 +78,19 @@ def weight_only_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -
     return site.node.primitive.bind(*_operands(site, x, w), **site.node.params)
 
 
-def _weight_sum(plan: SitePlan, site: Site) -> Args:
-    """`{"w_sum": sum of w_q over its contracting axes}`, int32 per output channel, where
-    the weight has one output axis: computed once here rather than in every call."""
+def _weight_sums(plan: SitePlan, site: Site) -> Any:
+    """`sum_k w_q` over the weight's contracting axes, int32, kept as size-1 axes."""
     assert plan.weight_q is not None
     lay = site_layout(site)
-    if len(lay.weight_channel_axes) != 1:
+    return plan.weight_q.astype(np.int32).sum(axis=lay.weight_contracting, keepdims=True)
+
+
+def _u8_args(sums: Any, site: Site) -> Args:
+    """`{"w_sum": int32[O]}` for the u8 x s8 form (`jaxptq.u8s8`) where the weight has one
+    output axis: computed once here rather than in every call."""
+    if len(site_layout(site).weight_channel_axes) != 1:
         return {}
-    return {"w_sum": plan.weight_q.astype(np.int32).sum(axis=lay.weight_contracting)}
+    return {"w_sum": sums.reshape(-1)}
 
 
 # --- static int8 (FULL_QUANT) -------------------------------------------------------------
@@ -96,17 +101,17 @@ def static_args(plan: SitePlan, site: Site) -> Args:
     assert plan.act_scale is not None and plan.act_zero_point is not None
     lay = site_layout(site)
     w_scale = to_output(plan.weight_scale, lay.weight_to_out, lay.out_ndim)
+    sums = _weight_sums(plan, site)
     args: Args = {
         "q": plan.weight_q.astype(np.int8),
         "inv_scale": np.float32(1.0 / plan.act_scale),
         "out_scale": (np.float32(plan.act_scale) * w_scale).astype(np.float32),
-        **_weight_sum(plan, site),
+        **_u8_args(sums, site),
     }
     if plan.act_zero_point != 0:
         # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q: the second term is a constant.
-        w_sum = plan.weight_q.astype(np.int32).sum(axis=lay.weight_contracting, keepdims=True)
         args["zp_term"] = (
-            np.int32(plan.act_zero_point) * to_output(w_sum, lay.weight_to_out, lay.out_ndim)
+            np.int32(plan.act_zero_point) * to_output(sums, lay.weight_to_out, lay.out_ndim)
         ).astype(np.int32)
     if plan.bias_correction is not None:
         args["bias"] = plan.bias_correction.astype(np.float32)
@@ -190,7 +195,7 @@ def dynamic_args(plan: SitePlan, site: Site) -> Args:
     return {
         "q": plan.weight_q.astype(np.int8),
         "w_scale": to_output(plan.weight_scale, lay.weight_to_out, lay.out_ndim).astype(np.float32),
-        **_weight_sum(plan, site),
+        **_u8_args(_weight_sums(plan, site), site),
     }
 
 
