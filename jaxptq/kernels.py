@@ -51,7 +51,7 @@ def _bind_int(
         and tuple(lhs_contract) == (x_q.ndim - 1,)
     ):  # x[..., K] @ w: the u8 x s8 form on XLA:CPU
         return u8s8.dot(x_q, w_q if tuple(rhs_contract) == (0,) else w_q.T, w_sum)
-    return site.node.primitive.bind(*_operands(site, x_q, w_q), **params)
+    return u8s8.s8_dot_general(*_operands(site, x_q, w_q), params["dimension_numbers"])
 
 
 # --- weight-only ------------------------------------------------------------------------

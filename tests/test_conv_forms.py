@@ -12,6 +12,15 @@ from jax import lax
 from jaxptq import conv_forms, depthwise
 
 
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+    """The forms are XLA:CPU's, and the reference is a plain integer convolution, which
+    XLA:GPU rejects (it runs int8 convolutions only as cuDNN calls with a float result):
+    both run on the CPU device, also on a machine with a GPU."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _params(lhs_shape, rhs_shape, dn, stride, padding, dilation, groups):
     return dict(
         window_strides=stride,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,10 +28,12 @@ def test_lenet_integer_program_reloads_bit_for_bit(lenet, calib, digits_data, tm
     path = export_stablehlo(qfn, tmp_path / "lenet.shlo", x)
     loaded = load_stablehlo(path)
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(qfn(x)))
-    # The reloaded program is the integer one: 5 dots on 8-bit operands (LeNet's two
-    # convolutions are im2col dots on XLA:CPU, conv_forms.py).
+    # The reloaded program is the integer one: an 8-bit op for each of LeNet's 5 sites.
+    # On XLA:CPU exactly 5 dots (its two convolutions are im2col dots, conv_forms.py); a
+    # GPU program also convolves the zero point over each padded window (kernels.py).
     text = loaded.mlir_module()
-    assert len(_int_ops(text)) == 5, text[:2000]
+    int_ops = len(_int_ops(text))
+    assert int_ops == 5 if jax.default_backend() == "cpu" else int_ops >= 5, text[:2000]
     # Weights are arguments stored beside the module, not constants inside it.
     assert "dense<" not in text or len(text) < 60_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.shlo"]

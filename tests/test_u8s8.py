@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import export
@@ -46,7 +47,7 @@ def test_vmap_over_activations_and_over_weights() -> None:
 def test_stablehlo_is_u8_on_cpu_and_s8_elsewhere_and_exports() -> None:
     rng = np.random.default_rng(1)
     x, w = _int8(rng, (8, 32)), _int8(rng, (32, 4))
-    cpu = jax.jit(u8s8.dot).lower(x, w).as_text()
+    cpu = export.export(jax.jit(u8s8.dot), platforms=("cpu",))(x, w).mlir_module()
     assert "tensor<8x32xui8>, tensor<32x4xi8>) -> tensor<8x4xi32>" in cpu
     cuda = export.export(jax.jit(u8s8.dot), platforms=("cuda",))(x, w).mlir_module()
     assert "ui8" not in cuda
@@ -54,3 +55,22 @@ def test_stablehlo_is_u8_on_cpu_and_s8_elsewhere_and_exports() -> None:
     reloaded = export.deserialize(export.export(jax.jit(u8s8.dot))(x, w).serialize())
     want = x.astype(np.int64) @ w.astype(np.int64)
     np.testing.assert_array_equal(np.asarray(reloaded.call(x, w)), want)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 17])
+def test_s8_dot_general_pads_odd_contractions_exactly(k) -> None:
+    """Off the CPU an int8 dot contracts a multiple of 4 (XLA:GPU's Triton int8 gemm gave
+    twice the product otherwise); the zero padding leaves every sum exact."""
+    rng = np.random.default_rng(k)
+    x, w = _int8(rng, (3, k)), _int8(rng, (k, 5))
+    want = x.astype(np.int64) @ w.astype(np.int64)
+    np.testing.assert_array_equal(np.asarray(jax.jit(u8s8.dot)(x, w)), want)
+    cuda = export.export(jax.jit(u8s8.dot), platforms=("cuda",))(x, w).mlir_module()
+    k4 = -(-k // 4) * 4
+    assert f"(tensor<3x{k4}xi8>, tensor<{k4}x5xi8>) -> tensor<3x5xi32>" in cuda
+    # batched, two contracting axes (6 x 3 = 18 values: the last axis pads 3 -> 4)
+    q, kv = _int8(rng, (2, 4, 6, 3)), _int8(rng, (2, 5, 6, 3))
+    dims = (((2, 3), (2, 3)), ((0,), (0,)))
+    got = jax.jit(u8s8.s8_dot_general, static_argnums=2)(q, kv, dims)
+    ref = np.einsum("bqcd,bkcd->bqk", q.astype(np.int64), kv.astype(np.int64))
+    np.testing.assert_array_equal(np.asarray(got), ref)
