@@ -105,13 +105,13 @@ def im2col_pays(params: Params, x: Any, w: Any) -> bool:
     return x.shape[lhs_spec[1]] <= _FEW_INPUT_CHANNELS and not _ynn_takes(params, x, w)
 
 
-def _channels_last(x: Any, spec: tuple[int, ...]) -> Any:
+def channels_last(x: Any, spec: tuple[int, ...]) -> Any:
     """`x` as (batch, spatial..., feature), from a spec listing (batch, feature, spatial...)."""
     return jnp.transpose(x, (spec[0], *spec[2:], spec[1]))
 
 
-def _from_channels_last(y: Any, out_spec: tuple[int, ...]) -> Any:
-    """Inverse of `_channels_last` for the output spec."""
+def _fromchannels_last(y: Any, out_spec: tuple[int, ...]) -> Any:
+    """Inverse of `channels_last` for the output spec."""
     logical = (0, *range(2, y.ndim), 1)  # the logical dim held by each axis of `y`
     perm = [logical.index(out_spec.index(axis)) for axis in range(y.ndim)]
     return jnp.transpose(y, perm)
@@ -136,24 +136,24 @@ def pointwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: An
     # per image instead skips the transposes but measured 25% slower on EfficientNet-Lite0,
     # whose depthwise producers then write in a slower order.
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-    x = _channels_last(x, lhs_spec)
+    x = channels_last(x, lhs_spec)
     strides = params["window_strides"]
     if any(s > 1 for s in strides):
         x = x[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
     w_matrix = jnp.transpose(w, (rhs_spec[1], rhs_spec[0], *rhs_spec[2:]))
     w_matrix = w_matrix.reshape(w_matrix.shape[0], w_matrix.shape[1])  # (I, O)
-    return _from_channels_last(_dot(x, w_matrix, params, w_sum), out_spec)
+    return _fromchannels_last(_dot(x, w_matrix, params, w_sum), out_spec)
 
 
 def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
     """One dot over patches, taps x channels wide, tap-major as `w` is reshaped."""
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
-    x = _channels_last(x, lhs_spec)
+    x = channels_last(x, lhs_spec)
     w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (k..., I, O)
     taps = [tap for _, tap in depthwise.shifted_taps(x, w.shape[:-2], params, pad_value)]
     patches = jnp.concatenate(taps, axis=-1)  # tap-major, then channel: w's order below
     w_matrix = w.reshape(-1, w.shape[-1])
-    return _from_channels_last(_dot(patches, w_matrix, params, w_sum), out_spec)
+    return _fromchannels_last(_dot(patches, w_matrix, params, w_sum), out_spec)
 
 
 def generic_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
@@ -174,8 +174,8 @@ def _depthwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: A
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     acc = params.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
     w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))[..., 0, :]  # (k..., O)
-    y = depthwise.depthwise_conv(_channels_last(x, lhs_spec), w, params, acc, pad_value)
-    return _from_channels_last(y, out_spec)
+    y = depthwise.depthwise_conv(channels_last(x, lhs_spec), w, params, acc, pad_value)
+    return _fromchannels_last(y, out_spec)
 
 
 Applies = Callable[[Params, Any, Any], bool]  # (params, x, w): arrays or tracers

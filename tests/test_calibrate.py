@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxptq
 import jaxptq.calibrate as cal
 from jaxptq.calibrate import ActRange, CalibrationResult, calibrate
 from jaxptq.calibrate.kl import NUM_LEVELS, balanced_candidates
 from jaxptq.calibrate.percentile import OUTLIER_BINS
+from jaxptq.probe import site_inputs
 from tests.test_kl import reference_kl
 
 METHODS = ["MAX_MIN", "KL", "REMOVAL_OUTLIER"]
@@ -291,3 +293,26 @@ def test_sharded_equals_single_device() -> None:
         sharded, single = out[method]
         assert sharded["n"] == single["n"] == 37
         assert sharded == single, method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nchw_conv_inputs_observed_channels_last_give_the_same_ranges(method: str) -> None:
+    """FULL_QUANT observes a convolution's input channels last (`probe.site_inputs`), the
+    order XLA:CPU computes it in; every statistic takes a row's values alike, so the
+    ranges equal those of the input observed as the model lays it out (NCHW here)."""
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(4, 3, 3, 3)).astype(np.float32))
+
+    def fn(x: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            jnp.tanh(x) * 3.0, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
+        )
+
+    samples = [rng.standard_t(3, (4, 3, 6, 5)).astype(np.float32) for _ in range(5)]
+    qfn = jaxptq.ptq(fn, samples, {"quant_type": "FULL_QUANT", "activation_quant_method": method})
+    (site,) = qfn.plan.sites
+    tree = jax.tree_util.tree_structure((samples[0],))
+    nchw = site_inputs(qfn._graphs, tree, [site.name])
+    ref = calibrate(nchw, samples, method, progress=False).ranges[site.name]
+    assert site.act_range == (float(ref.lo), float(ref.hi))
+    assert -3.0 <= site.act_range[0] < -1.0 and 1.0 < site.act_range[1] <= 3.0

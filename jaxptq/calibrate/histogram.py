@@ -26,9 +26,23 @@ class Histogram(NamedTuple):
     scale: jax.Array  # float32 bins per unit: bin = floor((x - lo) * scale), clipped
 
 
+_DROP = lax.ScatterDimensionNumbers(
+    update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+)
+
+
 def _count(idx: jax.Array, batch: SiteBatch, num_bins: int, axis_name: str | None) -> jax.Array:
-    weight = row_mask(batch.valid, batch.x).astype(COUNT_DTYPE)
-    counts = jnp.zeros(num_bins, COUNT_DTYPE).at[idx.astype(jnp.int32).ravel()].add(weight.ravel())
+    # Padding rows point one past the last bin, where the scatter drops them. A weight of
+    # 0 or 1 per value instead was a second activation-sized array for XLA:CPU to write
+    # and read (1.8 of 9.9 s of EfficientNet-Lite0's KL calibration steps).
+    idx = jnp.where(row_mask(batch.valid, batch.x), idx.astype(jnp.int32), num_bins)
+    counts = lax.scatter_add(
+        jnp.zeros(num_bins, COUNT_DTYPE),
+        idx.reshape(-1, 1),
+        jnp.ones(idx.size, COUNT_DTYPE),
+        _DROP,
+        mode=lax.GatherScatterMode.FILL_OR_DROP,
+    )
     return counts if axis_name is None else lax.psum(counts, axis_name)
 
 

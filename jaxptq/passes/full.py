@@ -54,7 +54,7 @@ def plan_full_quant(
     eligible = [s.name for s in sites if reasons[s.name] is None]
     per_row = not takes_any_batch(graphs, in_tree, samples[0])
     result = calibrate(
-        site_inputs(graphs, in_tree, eligible, per_row),
+        site_inputs(graphs, in_tree, eligible, per_row, channels_last=True),
         samples,
         full.activation_quant_method,
         outlier_percent=full.outlier_percent,
