@@ -484,9 +484,11 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     load = os.getloadavg()[0]
+    device = jax.devices()[0]
+    backend = f"XLA:{device.platform.upper()} on {device.device_kind}"
     return (
-        f"{os.cpu_count()}-core CPU ({cpu}), no GPU; jax {jax.__version__} (XLA:CPU), "
-        f"onnxruntime {onnxruntime.__version__}; load average {load:.1f} at the end"
+        f"{os.cpu_count()}-core CPU ({cpu}); jax {jax.__version__} ({backend}), "
+        f"onnxruntime {onnxruntime.__version__} (CPU); load average {load:.1f} at the end"
     )
 
 
@@ -497,7 +499,7 @@ def report(
     argv: str,
 ) -> str:
     lines = ["## Calibration (scripts/bench_calibration.py)", ""]
-    command = f".venv/bin/python scripts/bench_calibration.py {argv}".strip()
+    command = f"python scripts/bench_calibration.py {argv}".strip()
     lines += [f"Command: `{command}`."]
     lines += [f"Machine: {machine()}.", ""]
     if search:
