@@ -94,11 +94,15 @@ def test_removal_outlier_matches_np_quantile(heavy: np.ndarray) -> None:
     res = calibrate(elementwise, [(heavy,)], "REMOVAL_OUTLIER", outlier_percent=p, progress=False)
     for name, v in elementwise_np(heavy).items():
         r = res.ranges[name]
-        width = (float(v.max()) - float(v.min())) / OUTLIER_BINS
-        assert abs(r.lo - np.quantile(v, p)) <= width, name
-        assert abs(r.hi - np.quantile(v, 1 - p)) <= width, name
         counts, lo, hi = res.histograms[name]
-        assert counts.sum() == v.size and (lo, hi) == (v.min(), v.max())
+        # x over [-top, top], top the power of two at or above max|x|, in one pass
+        top = np.float32(2.0 ** np.ceil(np.log2(float(np.abs(v).max()))))
+        assert counts.sum() == v.size and (lo, hi) == (-top, top)
+        width = float(hi - lo) / OUTLIER_BINS
+        assert width <= 2 * (float(v.max()) - float(v.min())) / (OUTLIER_BINS // 2)
+        assert abs(r.lo - np.quantile(v, p)) <= width / 2, name
+        assert abs(r.hi - np.quantile(v, 1 - p)) <= width / 2, name
+        assert v.min() <= r.lo <= r.hi <= v.max()
 
 
 def test_removal_outlier_default_on_lenet(lenet_sites: Any, digits100: np.ndarray) -> None:
@@ -106,8 +110,9 @@ def test_removal_outlier_default_on_lenet(lenet_sites: Any, digits100: np.ndarra
     acts = {k: np.asarray(v) for k, v in jax.jit(lenet_sites)(digits100).items()}
     for name, v in acts.items():
         r = res.ranges[name]
-        width = (float(v.max()) - float(v.min())) / OUTLIER_BINS
-        tol = width + 1e-5 * float(np.abs(v).max())  # activations computed in other batches
+        _, lo, hi = res.histograms[name]
+        width = float(hi - lo) / OUTLIER_BINS
+        tol = width / 2 + 1e-5 * float(np.abs(v).max())  # activations computed in other batches
         assert abs(r.lo - np.quantile(v, 1e-4)) <= tol, name
         assert abs(r.hi - np.quantile(v, 1 - 1e-4)) <= tol, name
 
@@ -164,6 +169,26 @@ def test_kl_histogram_grows_exactly_across_batches(heavy: np.ndarray) -> None:
         assert res.histograms[name][2] == top
 
 
+def test_removal_outlier_histogram_grows_exactly_across_batches(heavy: np.ndarray) -> None:
+    """The signed histogram of REMOVAL_OUTLIER, its range doubled several times over the
+    batches, equals NumPy's histogram of every value over the final `[-top, top]` in
+    left-closed bins, exact zeros and -max|x| included."""
+    order = np.argsort(np.abs(heavy).reshape(len(heavy), -1).max(axis=1))
+    rows = heavy[order] * np.float32(1 + np.arange(100)[:, None, None] / 4)
+    rows[:, 0, 0] = 0.0
+    rows[-1, 0, 1] = -np.abs(rows).max()  # exactly -max|x|: lands in bin 0 or 1
+    batches = [(rows[k : k + 7],) for k in range(0, 100, 7)]
+    res = calibrate(elementwise, batches, "REMOVAL_OUTLIER", progress=False, rows_per_device=3)
+    for name, v in elementwise_np(rows).items():
+        counts, lo, hi = res.histograms[name]
+        top = np.float32(2.0 ** np.ceil(np.log2(float(np.abs(v).max()))))
+        assert (lo, hi) == (-top, top)
+        width = 2 * float(top) / OUTLIER_BINS  # a power of two: every edge exact
+        index = np.floor((v.astype(np.float64) + float(top)) / width).astype(np.int64)
+        ref = np.bincount(np.clip(index, 0, OUTLIER_BINS - 1).ravel(), minlength=OUTLIER_BINS)
+        np.testing.assert_array_equal(counts, ref, err_msg=name)
+
+
 def test_kl_on_lenet_clips_relu_tails(lenet_sites: Any, digits100: np.ndarray) -> None:
     res = calibrate(lenet_sites, [(digits100,)], "KL", progress=False)
     acts = {k: np.asarray(v) for k, v in jax.jit(lenet_sites)(digits100).items()}
@@ -193,12 +218,14 @@ def test_split_invariance(method: str, lenet_sites: Any, digits100: np.ndarray) 
             raise AssertionError(f"{method}: {split} differs from one batch") from err
 
 
+@pytest.mark.parametrize("method", ["KL", "REMOVAL_OUTLIER"])
 def test_histogram_drains_to_int64_before_int32_overflow(
-    monkeypatch: pytest.MonkeyPatch, heavy: np.ndarray
+    monkeypatch: pytest.MonkeyPatch, heavy: np.ndarray, method: str
 ) -> None:
-    plain = calibrate(elementwise, [(heavy,)], "KL", progress=False)
+    growing = heavy * np.float32(1 + np.arange(100)[:, None, None] / 4)  # merged across tops
+    plain = calibrate(elementwise, [(growing,)], method, progress=False)
     monkeypatch.setattr(cal, "MAX_COUNT", 100)  # drain every couple of rows
-    drained = calibrate(elementwise, [(heavy,)], "KL", progress=False)
+    drained = calibrate(elementwise, [(growing,)], method, progress=False)
     _same(plain, drained)
 
 

@@ -1,10 +1,10 @@
 """Calibration: per-site activation ranges from streamed batches (MAX_MIN, KL, REMOVAL_OUTLIER).
 
-Every pass folds each site's statistics into running totals, one jitted step per
+One pass folds each site's statistics into running totals, one jitted step per
 fixed-size microbatch, and no activation outlives its step. MAX_MIN keeps the extremes
-(and a NaN/Inf check); KL keeps them together with a |x| histogram whose power-of-two
-range doubles as needed, in the same single pass; REMOVAL_OUTLIER histograms each site
-over the range a first min/max pass found, in a second pass. See docs/calibration.md.
+(and a NaN/Inf check); KL keeps them together with a |x| histogram, REMOVAL_OUTLIER with
+an x histogram, each over a power-of-two range that doubles as needed. See
+docs/calibration.md.
 """
 
 from __future__ import annotations
@@ -17,14 +17,7 @@ import jax
 import numpy as np
 
 from jaxptq.calibrate import sharding
-from jaxptq.calibrate.histogram import (
-    MAX_COUNT,
-    AbsHistogram,
-    Histogram,
-    abs_histogram,
-    histogram,
-    merge_abs_counts,
-)
+from jaxptq.calibrate.histogram import MAX_COUNT, Pow2Histogram, merge_counts, pow2_histogram
 from jaxptq.calibrate.kl import kl_divergences
 from jaxptq.calibrate.methods import (
     KL,
@@ -36,7 +29,7 @@ from jaxptq.calibrate.methods import (
 )
 from jaxptq.calibrate.observers import Observer, min_max
 from jaxptq.calibrate.percentile import histogram_quantiles
-from jaxptq.calibrate.stream import ROWS_PER_DEVICE, PassResult, as_batch, run_pass
+from jaxptq.calibrate.stream import ROWS_PER_DEVICE, PassResult, run_pass
 
 __all__ = [
     "KL",
@@ -48,7 +41,6 @@ __all__ = [
     "Observer",
     "RemovalOutlier",
     "calibrate",
-    "histogram",
     "histogram_quantiles",
     "kl_divergences",
     "min_max",
@@ -70,8 +62,8 @@ class CalibrationResult:
     """Every site's range, plus the histograms behind them (for plots)."""
 
     ranges: dict[str, ActRange]
-    # site -> (counts, range lo, range hi); KL's are of |x| over [0, a power of two].
-    # Empty for MAX_MIN.
+    # site -> (counts, range lo, range hi): KL's of |x| over [0, top], REMOVAL_OUTLIER's
+    # of x over [-top, top], top a power of two. Empty for MAX_MIN.
     histograms: dict[str, tuple[np.ndarray, np.float32 | float, np.float32 | float]]
     num_samples: int
 
@@ -91,8 +83,8 @@ def calibrate(
 
     Rows are re-cut into microbatches of `rows_per_device` rows per device, so the
     result is bitwise the same whatever the batch sizes and however rows are split, and
-    one program is compiled per pass. REMOVAL_OUTLIER needs two passes: a one-shot
-    iterator is then read once into a list of host arrays (activations are never kept).
+    one program is compiled. Every method reads the data once, so `batches` may be a
+    one-shot iterator.
 
     Args:
         site_activations: traceable `(*batch_args) -> {site name: activation}`; every
@@ -132,39 +124,27 @@ def calibrate(
     spec = rule.histogram
     common: dict[str, Any] = dict(rows_per_device=rows_per_device, progress=progress)
     hists: Histograms | None = None
-    if spec is not None and spec.absolute:  # one pass: extremes and |x| counts together
-        names, mins, maxs, hists, num_rows = _abs_histogram_pass(
-            site_activations, batches, mesh, spec.num_bins, common
+    if spec is not None:  # the extremes and the counts together
+        names, mins, maxs, hists, num_rows = _histogram_pass(
+            site_activations, batches, mesh, spec.num_bins, spec.signed, common
         )
     else:
-        if spec is not None and not isinstance(batches, Sequence):
-            batches = [as_batch(b, k) for k, b in enumerate(batches)]  # read once, two passes
         observer = min_max()
-        first = run_pass(
+        result = run_pass(
             site_activations,
             observer,
             lambda shapes: {n: observer.init() for n in shapes},
             batches,
             mesh,
-            desc="calibrate: min/max",
+            desc="calibrate",
             **common,
         )
-        _check(first)
-        extremes = sharding.fetch_replicated(first.stats)
+        _check(result)
+        extremes = sharding.fetch_replicated(result.stats)
         names = sorted(extremes)
         mins = np.array([extremes[n].min for n in names], np.float32)
         maxs = np.array([extremes[n].max for n in names], np.float32)
-        num_rows = first.num_rows
-        if spec is not None:
-            counts = _histogram_pass(
-                site_activations,
-                batches,
-                mesh,
-                spec.num_bins,
-                dict(zip(names, zip(mins, maxs, strict=True), strict=True)),
-                common,
-            )
-            hists = Histograms(np.stack([counts[n] for n in names]), mins, maxs)
+        num_rows = result.num_rows
     sel_lo, sel_hi = rule.select(mins, maxs, hists)
     ranges = {
         n: ActRange(np.float32(sel_lo[k]), np.float32(sel_hi[k]), mins[k], maxs[k])
@@ -195,22 +175,24 @@ def _check(result: PassResult) -> None:
         )
 
 
-def _abs_histogram_pass(
+def _histogram_pass(
     site_fn: Callable[..., Mapping[str, jax.Array]],
     batches: Iterable[Any],
     mesh: jax.sharding.Mesh,
     num_bins: int,
+    signed: bool,
     common: dict[str, Any],
 ) -> tuple[list[str], np.ndarray, np.ndarray, Histograms, int]:
-    """The single KL pass: extremes and power-of-two-range |x| counts of every site."""
-    observer = abs_histogram()
+    """Extremes and power-of-two-range counts of every site; int32 counts on the devices,
+    drained into int64 on the host before they could overflow."""
+    observer = pow2_histogram(signed)
     totals: dict[str, tuple[np.ndarray, np.float32]] = {}
 
-    def drain(stats: dict[str, AbsHistogram]) -> dict[str, AbsHistogram]:
+    def drain(stats: dict[str, Pow2Histogram]) -> dict[str, Pow2Histogram]:
         fresh = {}
         for n, part in sharding.fetch_replicated(stats).items():
             counts, top = totals.get(n, (np.zeros(num_bins, np.int64), np.float32(0)))
-            totals[n] = merge_abs_counts(counts, top, part.counts, part.top)
+            totals[n] = merge_counts(counts, top, part.counts, part.top, signed)
             fresh[n] = part._replace(counts=np.zeros_like(part.counts))
         return fresh
 
@@ -232,40 +214,5 @@ def _abs_histogram_pass(
     maxs = np.array([last[n].max for n in names], np.float32)
     counts = np.stack([totals[n][0] for n in names])
     tops = np.array([totals[n][1] for n in names], np.float32)
-    return names, mins, maxs, Histograms(counts, np.zeros_like(tops), tops), result.num_rows
-
-
-def _histogram_pass(
-    site_fn: Callable[..., Mapping[str, jax.Array]],
-    batches: Iterable[Any],
-    mesh: jax.sharding.Mesh,
-    num_bins: int,
-    bounds: dict[str, tuple[float, float]],
-    common: dict[str, Any],
-) -> dict[str, np.ndarray]:
-    """Pass 2: x over each site's `[min, max]`; int32 counts on the devices, drained into
-    int64 on the host before they could overflow."""
-    observer = histogram()
-    total = {n: np.zeros(num_bins, np.int64) for n in bounds}
-
-    def fresh(_: Any = None) -> dict[str, Histogram]:
-        return {n: observer.init(num_bins, lo, hi) for n, (lo, hi) in bounds.items()}
-
-    def drain(stats: dict[str, Histogram]) -> dict[str, Histogram]:
-        for n, part in sharding.fetch_replicated(stats).items():
-            total[n] += part.counts
-        return fresh()
-
-    result = run_pass(
-        site_fn,
-        observer,
-        fresh,
-        batches,
-        mesh,
-        desc="calibrate: histograms",
-        drain=drain,
-        drain_elements=MAX_COUNT,
-        **common,
-    )
-    drain(result.stats)
-    return total
+    lows = -tops if signed else np.zeros_like(tops)
+    return names, mins, maxs, Histograms(counts, lows, tops), result.num_rows

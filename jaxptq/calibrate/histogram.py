@@ -1,11 +1,12 @@
-"""Histogram observers with exact integer counts: over a fixed range, or of |x| over a
-power-of-two range that grows as larger values arrive (one pass, no range needed first)."""
+"""Histogram observers with exact integer counts over a power-of-two range that grows as
+larger values arrive: one pass, no range needed first. Of |x| over `[0, top]` (KL) or of
+x over `[-top, top]` (REMOVAL_OUTLIER)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +20,6 @@ from jaxptq.calibrate.observers import Observer, SiteBatch, batch_extremes
 # the caller drains counts to host int64 before a site can pass that (see `max_elements`).
 COUNT_DTYPE = jnp.int32
 MAX_COUNT = int(np.iinfo(np.int32).max)
-
-
-class Histogram(NamedTuple):
-    counts: jax.Array  # (num_bins,) int32
-    lo: jax.Array  # float32 left edge of bin 0
-    scale: jax.Array  # float32 bins per unit: bin = floor((x - lo) * scale), clipped
 
 
 _ONE_BIN_PER_VALUE = lax.ScatterDimensionNumbers(
@@ -66,35 +61,9 @@ def _count(
     return counts if axis_name is None else lax.psum(counts, axis_name)
 
 
-@functools.cache  # one instance, so compiled steps keyed on it are reused
-def histogram() -> Observer:
-    """Counts of x in the bins of the range held in the stats.
-
-    The range travels in the stats rather than in the program, so one compiled step
-    serves every site and every calibration run. Values outside the range land in the
-    end bins; the bin of a value is `floor((x - lo) * scale)`, exactly the same float32
-    arithmetic for a row whatever batch it comes in.
-    """
-
-    def init(num_bins: int, lo: float, hi: float) -> Histogram:
-        """Empty counts over `[lo, hi]`; a zero-width range puts everything in bin 0."""
-        lo32, hi32 = np.float32(lo), np.float32(hi)
-        scale = np.float32(num_bins) / (hi32 - lo32) if hi32 > lo32 else np.float32(0)
-        return Histogram(jnp.zeros(num_bins, COUNT_DTYPE), jnp.float32(lo32), jnp.float32(scale))
-
-    def update(stats: Histogram, batch: SiteBatch, axis_name: str | None) -> Histogram:
-        num_bins = stats.counts.shape[0]
-
-        def bin_of(x: jax.Array) -> jax.Array:
-            return jnp.clip(jnp.floor((x - stats.lo) * stats.scale), 0, num_bins - 1)
-
-        return stats._replace(counts=stats.counts + _count(bin_of, batch, num_bins, axis_name))
-
-    return Observer(init, update)
-
-
-class AbsHistogram(NamedTuple):
-    """|x| over `[0, top]`, plus the extremes of x that decide `top`."""
+class Pow2Histogram(NamedTuple):
+    """Counts over `[0, top]` (|x|) or `[-top, top]` (x), plus the extremes of x that
+    decide `top`."""
 
     counts: jax.Array  # (num_bins,) int32
     top: jax.Array  # float32, the smallest power of two >= every |x| so far (0: none yet)
@@ -109,34 +78,70 @@ def _pow2_ceil(a: jax.Array) -> jax.Array:
     return jnp.where(a > 0, jnp.ldexp(jnp.float32(1), exponent), jnp.float32(0))
 
 
-def _rebin(counts: jax.Array, shift: jax.Array) -> jax.Array:
-    """Counts over `[0, top * 2**shift]`: every `2**shift` neighbouring bins merged, exactly."""
-    target = jnp.right_shift(jnp.arange(counts.shape[0]), jnp.minimum(shift, 31))
-    return jnp.zeros_like(counts).at[target].add(counts)
+def _abs_bins(x: jax.Array, scale: jax.Array, num_bins: int) -> jax.Array:
+    """|x| over `[0, top]`: bin `floor(|x| * num_bins / top)`."""
+    return jnp.clip(jnp.floor(jnp.abs(x) * scale), 0, num_bins - 1)
 
 
-@functools.cache
-def abs_histogram() -> Observer:
-    """Counts of |x| over `[0, top]`, `top` a power of two that doubles as needed.
+def _signed_bins(x: jax.Array, scale: jax.Array, num_bins: int) -> jax.Array:
+    """x over `[-top, top]` in left-closed bins, half of them below 0. Each side counts
+    from 0 with `|x| * (half / top)`, which is exact (a power-of-two scale); `floor` of
+    `(x + top) * scale` instead would round in the addition."""
+    half = num_bins // 2
+    above = half + jnp.floor(x * scale)
+    below = half - jnp.ceil(-x * scale)
+    return jnp.clip(jnp.where(x >= 0, above, below), 0, num_bins - 1)
+
+
+# Where old bin `index` lands when the range grows `2**shift` times (NumPy or JAX ints).
+def _abs_rebin_target(index: Any, shift: Any, num_bins: int) -> Any:
+    return index >> shift
+
+
+def _signed_rebin_target(index: Any, shift: Any, num_bins: int) -> Any:
+    half = num_bins // 2  # bins stay split at 0; the arithmetic shift floors below it
+    return half + ((index - half) >> shift)
+
+
+# signed -> (bin of a value, bins per unit on [0, top], where bin i goes when top grows)
+_BINNING = {
+    False: (_abs_bins, lambda num_bins: num_bins, _abs_rebin_target),
+    True: (_signed_bins, lambda num_bins: num_bins // 2, _signed_rebin_target),
+}
+
+
+def _rebin(counts: jax.Array, shift: jax.Array, target: Callable[..., jax.Array]) -> jax.Array:
+    """Counts over the range `2**shift` times wider: old bins nest in new ones, exactly."""
+    num_bins = counts.shape[0]
+    index = jnp.arange(num_bins, dtype=jnp.int32)
+    return jnp.zeros_like(counts).at[target(index, jnp.minimum(shift, 31), num_bins)].add(counts)
+
+
+@functools.cache  # one instance per kind, so compiled steps keyed on it are reused
+def pow2_histogram(signed: bool) -> Observer:
+    """Counts of |x| over `[0, top]` (or of x over `[-top, top]` when `signed`), `top` a
+    power of two that doubles as needed.
 
     Why a power of two: growing the range by `2**k` merges every `2**k` bins into one
-    with no loss, and the bin of a value, `floor(|x| * (num_bins / top))`, is exact
-    float32 arithmetic (a power-of-two scale), so the final counts equal a histogram
-    taken over the final range in one go, whatever order and batches the rows came in.
-    The range is the one a first min/max pass would give, rounded up to a power of two,
-    so a second pass over the data is not needed. `top < 2 max|x|`: with twice the bins,
-    the bins are at least as fine as `num_bins / 2` bins over `[0, max|x|]`.
+    with no loss, and the bin of a value is exact float32 arithmetic (a power-of-two
+    scale), so the final counts equal a histogram taken over the final range in one go,
+    whatever order and batches the rows came in. The range is the one a first min/max
+    pass would give, rounded up to a power of two, so a second pass over the data is not
+    needed. `top < 2 max|x|`.
     """
+    bins_of, per_top, target = _BINNING[signed]
 
-    def init(num_bins: int) -> AbsHistogram:
-        return AbsHistogram(
+    def init(num_bins: int) -> Pow2Histogram:
+        if signed and num_bins % 2:
+            raise ValueError(f"a signed histogram needs an even number of bins, got {num_bins}")
+        return Pow2Histogram(
             jnp.zeros(num_bins, COUNT_DTYPE),
             jnp.float32(0),
             jnp.float32(jnp.inf),
             jnp.float32(-jnp.inf),
         )
 
-    def update(stats: AbsHistogram, batch: SiteBatch, axis_name: str | None) -> AbsHistogram:
+    def update(stats: Pow2Histogram, batch: SiteBatch, axis_name: str | None) -> Pow2Histogram:
         lo, hi = batch_extremes(batch, axis_name)
         new_min, new_max = jnp.minimum(stats.min, lo), jnp.maximum(stats.max, hi)
         absmax = jnp.maximum(-new_min, new_max)
@@ -144,28 +149,35 @@ def abs_histogram() -> Observer:
         top = jnp.maximum(stats.top, _pow2_ceil(absmax))
         shift = jnp.where(stats.top > 0, jnp.frexp(top)[1] - jnp.frexp(stats.top)[1], 0)
         num_bins = stats.counts.shape[0]
-        scale = jnp.where(top > 0, jnp.float32(num_bins) / jnp.where(top > 0, top, 1), 0)
+        units = jnp.float32(per_top(num_bins))
+        scale = jnp.where(top > 0, units / jnp.where(top > 0, top, 1), 0)
 
         def bin_of(x: jax.Array) -> jax.Array:
-            return jnp.clip(jnp.floor(jnp.abs(x) * scale), 0, num_bins - 1)
+            return bins_of(x, scale, num_bins)
 
-        counts = _rebin(stats.counts, shift) + _count(bin_of, batch, num_bins, axis_name)
-        return AbsHistogram(counts, top, new_min, new_max)
+        counts = _rebin(stats.counts, shift, target) + _count(bin_of, batch, num_bins, axis_name)
+        return Pow2Histogram(counts, top, new_min, new_max)
 
     return Observer(init, update)
 
 
-def merge_abs_counts(
-    counts: np.ndarray, top: np.float32 | float, more: np.ndarray, more_top: np.float32 | float
+def merge_counts(
+    counts: np.ndarray,
+    top: np.float32 | float,
+    more: np.ndarray,
+    more_top: np.float32 | float,
+    signed: bool,
 ) -> tuple[np.ndarray, np.float32]:
-    """Host-side sum of two |x| histograms of the same bins, on the larger `top`."""
+    """Host-side sum of two histograms of the same kind and bins, on the larger `top`."""
     new_top = np.float32(max(top, more_top))
+    target = _BINNING[signed][2]
 
     def lift(c: np.ndarray, t: np.float32 | float) -> np.ndarray:
         if t <= 0 or t == new_top:
             return c
         shift = min(int(np.log2(new_top / np.float32(t))), 62)
-        return np.bincount(np.arange(c.shape[0]) >> shift, weights=c, minlength=c.shape[0])
+        index = target(np.arange(c.shape[0], dtype=np.int64), shift, c.shape[0])
+        return np.bincount(index, weights=c, minlength=c.shape[0])
 
     return (lift(counts, top) + lift(more, more_top)).astype(np.int64), new_top
 

@@ -15,15 +15,13 @@ Ranges = tuple[np.ndarray, np.ndarray]  # (lo, hi) per site, float32
 
 @dataclasses.dataclass(frozen=True)
 class HistogramSpec:
-    """The histogram a method needs.
-
-    `absolute`: |x| over `[0, top]`, `top` the power of two at or above max |x|, taken in
-    the same pass as the extremes (`jaxptq.calibrate.histogram.abs_histogram`).
-    Otherwise x over `[min, max]`, in a second pass once the extremes are known.
-    """
+    """The histogram a method needs, taken in the same pass as the extremes over a
+    power-of-two range that grows as needed (`jaxptq.calibrate.histogram.pow2_histogram`):
+    |x| over `[0, top]`, or x over `[-top, top]` when `signed`; `top` is the power of two
+    at or above max |x|."""
 
     num_bins: int
-    absolute: bool
+    signed: bool
 
 
 class Histograms(NamedTuple):
@@ -84,7 +82,7 @@ class KL:
 
     @property
     def histogram(self) -> HistogramSpec | None:
-        return HistogramSpec(2 * self.num_bins, absolute=True)
+        return HistogramSpec(2 * self.num_bins, signed=False)
 
     def select(self, mins: np.ndarray, maxs: np.ndarray, hists: Histograms | None) -> Ranges:
         assert hists is not None
@@ -109,8 +107,9 @@ class KL:
 class RemovalOutlier:
     """Drops `outlier_percent` of the values at each end: a fraction, 1e-4 is 0.01 %.
 
-    The quantiles come from a fine histogram (`OUTLIER_BINS` bins over `[min, max]`)
-    and match `np.quantile` of all values to half a bin width.
+    The quantiles come from a fine histogram (`OUTLIER_BINS` bins of x over `[-top, top]`,
+    `top` the power of two at or above max |x|) and match `np.quantile` of all values to
+    half a bin width; they are kept inside the observed `[min, max]`, as `np.quantile`'s.
     """
 
     name: ClassVar[str] = "REMOVAL_OUTLIER"
@@ -125,12 +124,13 @@ class RemovalOutlier:
 
     @property
     def histogram(self) -> HistogramSpec | None:
-        return HistogramSpec(OUTLIER_BINS, absolute=False)
+        return HistogramSpec(OUTLIER_BINS, signed=True)
 
     def select(self, mins: np.ndarray, maxs: np.ndarray, hists: Histograms | None) -> Ranges:
         assert hists is not None
         lo = histogram_quantiles(hists.counts, hists.lo, hists.hi, self.outlier_percent)
         hi = histogram_quantiles(hists.counts, hists.lo, hists.hi, 1.0 - self.outlier_percent)
+        lo, hi = np.clip(lo, mins, maxs), np.clip(hi, mins, maxs)
         return lo.astype(np.float32), hi.astype(np.float32)
 
 
