@@ -416,3 +416,32 @@ def test_first_call_inside_jit_and_vmap_caches_no_tracer(
     first = np.asarray(rows(x))
     np.testing.assert_array_equal(np.asarray(rows(x[:4])), first[:4])  # a second trace
     np.testing.assert_allclose(first, np.asarray(qfn(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ALWC", "ACWL"])
+def test_dynamic_quant_of_nchw_conv_equals_its_nhwc_twin(strategy: str) -> None:
+    """On XLA:CPU a convolution's run-time scale and quantize are taken channels last
+    (`kernels._dynamic_quantize_conv_input`); an NCHW model gets the very integers and
+    outputs of the same model written NHWC."""
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)  # OIHW
+    x = rng.normal(size=(5, 3, 9, 11)).astype(np.float32)  # NCHW
+
+    def nchw(v: jax.Array) -> jax.Array:
+        dn = ("NCHW", "OIHW", "NCHW")
+        y = jax.lax.conv_general_dilated(jnp.tanh(v), w, (1, 1), "SAME", dimension_numbers=dn)
+        return jax.nn.relu(y)
+
+    def nhwc(v: jax.Array) -> jax.Array:
+        dn = ("NHWC", "HWIO", "NHWC")
+        w_hwio = np.transpose(w, (2, 3, 1, 0))
+        y = jax.lax.conv_general_dilated(jnp.tanh(v), w_hwio, (1, 1), "SAME", dimension_numbers=dn)
+        return jax.nn.relu(y)
+
+    config = {"quant_type": "DYNAMIC_QUANT", "quant_strategy": strategy}
+    a = jaxptq.ptq(nchw, [x], config)(x)
+    b = jaxptq.ptq(nhwc, [np.transpose(x, (0, 2, 3, 1))], config)(np.transpose(x, (0, 2, 3, 1)))
+    np.testing.assert_array_equal(np.asarray(a), np.transpose(np.asarray(b), (0, 3, 1, 2)))
+    ref = np.asarray(nchw(x)).ravel()
+    cos = float(np.asarray(a).ravel() @ ref / (np.linalg.norm(a) * np.linalg.norm(ref)))
+    assert cos > 0.999
