@@ -105,9 +105,15 @@ def im2col_pays(params: Params, x: Any, w: Any) -> bool:
     return x.shape[lhs_spec[1]] <= _FEW_INPUT_CHANNELS and not _ynn_takes(params, x, w)
 
 
+def channels_last_order(spec: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes of an operand laid out by `spec` (batch, feature, spatial...), reordered
+    as (batch, spatial..., feature)."""
+    return (spec[0], *spec[2:], spec[1])
+
+
 def channels_last(x: Any, spec: tuple[int, ...]) -> Any:
     """`x` as (batch, spatial..., feature), from a spec listing (batch, feature, spatial...)."""
-    return jnp.transpose(x, (spec[0], *spec[2:], spec[1]))
+    return jnp.transpose(x, channels_last_order(spec))
 
 
 def _fromchannels_last(y: Any, out_spec: tuple[int, ...]) -> Any:
