@@ -103,10 +103,15 @@ def _signed_rebin_target(index: Any, shift: Any, num_bins: int) -> Any:
     return half + ((index - half) >> shift)
 
 
-# signed -> (bin of a value, bins per unit on [0, top], where bin i goes when top grows)
-_BINNING = {
-    False: (_abs_bins, lambda num_bins: num_bins, _abs_rebin_target),
-    True: (_signed_bins, lambda num_bins: num_bins // 2, _signed_rebin_target),
+class _Binning(NamedTuple):
+    bins_of: Callable[[jax.Array, jax.Array, int], jax.Array]  # (x, scale, num_bins)
+    bins_over_top: Callable[[int], int]  # bins spanning [0, top], from num_bins
+    rebin_target: Callable[[Any, Any, int], Any]  # (old bin, shift, num_bins) -> new bin
+
+
+_BINNING = {  # keyed by `signed`
+    False: _Binning(_abs_bins, lambda num_bins: num_bins, _abs_rebin_target),
+    True: _Binning(_signed_bins, lambda num_bins: num_bins // 2, _signed_rebin_target),
 }
 
 
@@ -129,7 +134,7 @@ def pow2_histogram(signed: bool) -> Observer:
     pass would give, rounded up to a power of two, so a second pass over the data is not
     needed. `top < 2 max|x|`.
     """
-    bins_of, per_top, target = _BINNING[signed]
+    binning = _BINNING[signed]
 
     def init(num_bins: int) -> Pow2Histogram:
         if signed and num_bins % 2:
@@ -149,13 +154,14 @@ def pow2_histogram(signed: bool) -> Observer:
         top = jnp.maximum(stats.top, _pow2_ceil(absmax))
         shift = jnp.where(stats.top > 0, jnp.frexp(top)[1] - jnp.frexp(stats.top)[1], 0)
         num_bins = stats.counts.shape[0]
-        units = jnp.float32(per_top(num_bins))
+        units = jnp.float32(binning.bins_over_top(num_bins))
         scale = jnp.where(top > 0, units / jnp.where(top > 0, top, 1), 0)
 
         def bin_of(x: jax.Array) -> jax.Array:
-            return bins_of(x, scale, num_bins)
+            return binning.bins_of(x, scale, num_bins)
 
-        counts = _rebin(stats.counts, shift, target) + _count(bin_of, batch, num_bins, axis_name)
+        counts = _rebin(stats.counts, shift, binning.rebin_target)
+        counts = counts + _count(bin_of, batch, num_bins, axis_name)
         return Pow2Histogram(counts, top, new_min, new_max)
 
     return Observer(init, update)
@@ -170,7 +176,7 @@ def merge_counts(
 ) -> tuple[np.ndarray, np.float32]:
     """Host-side sum of two histograms of the same kind and bins, on the larger `top`."""
     new_top = np.float32(max(top, more_top))
-    target = _BINNING[signed][2]
+    target = _BINNING[signed].rebin_target
 
     def lift(c: np.ndarray, t: np.float32 | float) -> np.ndarray:
         if t <= 0 or t == new_top:
