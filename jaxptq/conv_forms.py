@@ -29,7 +29,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-from jaxptq import depthwise, u8s8
+from jaxptq import depthwise, platforms, u8s8
 
 Params = dict[str, Any]
 
@@ -216,7 +216,7 @@ def conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) 
     elsewhere = _lowering(EVERYWHERE, x, w, params)
     if on_cpu is elsewhere:
         return on_cpu(x, w, params, pad_value, w_sum)
-    return lax.platform_dependent(
+    return platforms.dependent(
         x,
         w,
         w_sum,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxptq import conv_forms, qmath, u8s8
+from jaxptq import conv_forms, platforms, qmath, u8s8
 from jaxptq.graph import Site
 from jaxptq.layout import SiteLayout, site_layout, to_output
 from jaxptq.plan import SitePlan
@@ -162,7 +162,7 @@ def _conv_minus_zero_point(site: Site, x_q: Any, args: Args, zero_point: int) ->
     |acc| < 2**24 (tested bit for bit). Transposed convolutions never get here: their
     activations are symmetric (`passes.full._needs_symmetric`).
     """
-    return lax.platform_dependent(
+    return platforms.dependent(
         cpu=lambda: conv_zero_point_padded(site, x_q, args, zero_point),
         default=lambda: conv_zero_point_covered(site, x_q, args, zero_point),
     )
@@ -236,7 +236,7 @@ def _dynamic_quantize_conv_input(x: Any, lay: SiteLayout, per_row: bool, site: S
     def as_laid_out(x: Any) -> tuple[Any, Any]:
         return _dynamic_quantize(x, lay, per_row)
 
-    return lax.platform_dependent(x, cpu=channels_last, default=as_laid_out)
+    return platforms.dependent(x, cpu=channels_last, default=as_laid_out)
 
 
 def dynamic_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:

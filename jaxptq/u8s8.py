@@ -24,6 +24,8 @@ from jax.extend import core
 from jax.extend.mlir.dialects import stablehlo as hlo
 from jax.interpreters import batching, mlir
 
+from jaxptq import platforms
+
 u8s8_dot_p = core.Primitive("u8s8_dot")
 
 
@@ -86,7 +88,7 @@ def dot(x: Any, w: Any, w_sum: Any = None) -> Any:
     def elsewhere(x: Any, w: Any, w_sum: Any) -> Any:
         return s8_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
-    return lax.platform_dependent(x, w, w_sum, cpu=on_cpu, default=elsewhere)
+    return platforms.dependent(x, w, w_sum, cpu=on_cpu, default=elsewhere)
 
 
 def s8_dot_general(lhs: Any, rhs: Any, dimension_numbers: Any) -> Any:

@@ -46,11 +46,18 @@ def iter_eqns(jaxpr: Any) -> Iterator[Any]:
 
 
 def site_operand_dtypes(fn: Any, *args: Any) -> list[tuple[str, str, str]]:
-    """(primitive, lhs dtype, rhs dtype) of every dot_general / convolution in `fn`."""
+    """(primitive, lhs dtype, rhs dtype) of every dot_general / convolution in `fn`, and of
+    every `u8s8_dot` (XLA:CPU's integer dot, `jaxptq.u8s8`), sub-jaxprs included."""
     closed = jax.make_jaxpr(fn)(*args)
     out = []
     for eqn in iter_eqns(closed.jaxpr):
-        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated", "u8s8_dot"):
             lhs, rhs = eqn.invars[:2]
             out.append((eqn.primitive.name, str(lhs.aval.dtype), str(rhs.aval.dtype)))
     return out
+
+
+def integer_op(d: tuple[str, str, str]) -> bool:
+    """An entry of `site_operand_dtypes` that multiplies 8-bit integers: `int8 x int8`, or
+    XLA:CPU's `uint8 x int8` form."""
+    return d[1:] == ("uint8" if d[0] == "u8s8_dot" else "int8", "int8")

@@ -16,7 +16,7 @@ import jaxptq
 from jaxptq import kernels
 from jaxptq.models import digits
 from jaxptq.probe import site_inputs
-from tests.digits_fixtures import site_operand_dtypes
+from tests.digits_fixtures import integer_op, site_operand_dtypes
 
 ALL_SITES = {"min_quant_weight_channel": 0}
 
@@ -61,7 +61,7 @@ def test_dynamic_quant_accuracy(strategy: str, lenet: Any, digits_data: Any, cal
     qfn = jaxptq.ptq(lenet, calib, {"quant_type": "DYNAMIC_QUANT", "quant_strategy": strategy})
     assert _acc(lenet, digits_data) - _acc(qfn, digits_data) <= 1.0
     dtypes = site_operand_dtypes(qfn, digits_data[2][:4])
-    assert dtypes and all(d[1:] == ("int8", "int8") for d in dtypes)
+    assert dtypes and all(integer_op(d) for d in dtypes)
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,11 @@ def test_full_quant_sites_are_int8_in_jaxpr_and_stablehlo(
     plan = full_lenet.plan
     assert [s.name for s in plan.sites] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     dtypes = site_operand_dtypes(full_lenet, x)
-    # The jaxpr holds the XLA:CPU and XLA:GPU forms of the two padded convs (lax.
-    # platform_dependent; each integer convolution is itself an XLA:CPU im2col dot or a
-    # convolution elsewhere, conv_forms.py): 2 + 4 ops each; lowering keeps one form.
-    assert len(dtypes) == 3 + 2 * 6 and all(d[1:] == ("int8", "int8") for d in dtypes)
+    # The jaxpr holds both platforms' form of every site (one `platforms.dependent` each;
+    # lowering keeps one): a padded conv as XLA:CPU's im2col u8 x s8 dot and XLA:GPU's two
+    # int8 convolutions, a dense site as a u8 x s8 and an s8 x s8 dot.
+    assert len(dtypes) == 2 * 3 + 3 * 2, dtypes
+    assert all(integer_op(d) for d in dtypes)
     text = full_lenet.lower(x).as_text()
     int_convs = [
         ln
@@ -131,8 +132,10 @@ def test_skipped_site_stays_float(lenet: Any, calib: Any, digits_data: Any) -> N
     qfn = jaxptq.ptq(lenet, calib, {"quant_type": "FULL_QUANT", "skip_quant_node": ["fc3"]})
     assert qfn.plan["fc3"].skip_reason == "listed in skip_quant_node"
     dtypes = site_operand_dtypes(qfn, digits_data[2][:4])
-    # fc3 last; the padded convs appear in their CPU and GPU forms (see above)
-    assert [d[1] for d in dtypes] == ["int8"] * (2 * 6 + 2) + ["float32"]
+    # fc3 last, in float; the others in both platforms' integer forms (see above)
+    assert [d[1] for d in dtypes] == ["uint8", "int8", "int8"] * 2 + ["uint8", "int8"] * 2 + [
+        "float32"
+    ]
 
 
 def test_jit_and_vmap(full_lenet: Any, digits_data: Any) -> None:
@@ -343,7 +346,7 @@ def test_weight_expressions_fold_and_sub_jaxprs_are_searched() -> None:
     y, y_q = np.asarray(fn(x)), np.asarray(qfn(x))
     cos = float(np.sum(y * y_q) / np.linalg.norm(y) / np.linalg.norm(y_q))
     assert cos > 0.999
-    assert all(d[1:] == ("int8", "int8") for d in site_operand_dtypes(qfn, x))
+    assert all(integer_op(d) for d in site_operand_dtypes(qfn, x))
 
 
 # --- bad input -----------------------------------------------------------------------------
