@@ -45,7 +45,10 @@ def _count(
 
     def add_row(counts: jax.Array, row: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
         x, valid = row
-        idx = bin_of(x).astype(jnp.int32).reshape(-1, 1)
+        bins = bin_of(x)  # clipped to [0, num_bins), except NaN, which no clip removes
+        # NaN goes to bin 0, never to an index the scatter was promised not to see (the
+        # pass reports it as an error afterwards).
+        idx = jnp.where(jnp.isnan(bins), 0, bins).astype(jnp.int32).reshape(-1, 1)
         weight = jnp.broadcast_to(valid.astype(COUNT_DTYPE), idx.shape[:1])
         counts = lax.scatter_add(
             counts,
