@@ -116,7 +116,7 @@ def channels_last(x: Any, spec: tuple[int, ...]) -> Any:
     return jnp.transpose(x, channels_last_order(spec))
 
 
-def _fromchannels_last(y: Any, out_spec: tuple[int, ...]) -> Any:
+def _from_channels_last(y: Any, out_spec: tuple[int, ...]) -> Any:
     """Inverse of `channels_last` for the output spec."""
     logical = (0, *range(2, y.ndim), 1)  # the logical dim held by each axis of `y`
     perm = [logical.index(out_spec.index(axis)) for axis in range(y.ndim)]
@@ -148,7 +148,7 @@ def pointwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: An
         x = x[(slice(None), *(slice(None, None, s) for s in strides), slice(None))]
     w_matrix = jnp.transpose(w, (rhs_spec[1], rhs_spec[0], *rhs_spec[2:]))
     w_matrix = w_matrix.reshape(w_matrix.shape[0], w_matrix.shape[1])  # (I, O)
-    return _fromchannels_last(_dot(x, w_matrix, params, w_sum), out_spec)
+    return _from_channels_last(_dot(x, w_matrix, params, w_sum), out_spec)
 
 
 def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
@@ -159,7 +159,7 @@ def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any =
     taps = [tap for _, tap in depthwise.shifted_taps(x, w.shape[:-2], params, pad_value)]
     patches = jnp.concatenate(taps, axis=-1)  # tap-major, then channel: w's order below
     w_matrix = w.reshape(-1, w.shape[-1])
-    return _fromchannels_last(_dot(patches, w_matrix, params, w_sum), out_spec)
+    return _from_channels_last(_dot(patches, w_matrix, params, w_sum), out_spec)
 
 
 def generic_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:
@@ -181,7 +181,7 @@ def _depthwise_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: A
     acc = params.get("preferred_element_type") or jnp.result_type(x.dtype, w.dtype)
     w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))[..., 0, :]  # (k..., O)
     y = depthwise.depthwise_conv(channels_last(x, lhs_spec), w, params, acc, pad_value)
-    return _fromchannels_last(y, out_spec)
+    return _from_channels_last(y, out_spec)
 
 
 Applies = Callable[[Params, Any, Any], bool]  # (params, x, w): arrays or tracers

@@ -7,7 +7,6 @@ takes as arguments (integer weights travel as arguments, never as HLO constants)
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -202,20 +201,28 @@ def dynamic_args(plan: SitePlan, site: Site) -> Args:
 
 def dynamic_act_scale(x: Any, lay: SiteLayout, per_row: bool) -> Any:
     """Symmetric int8 scale of an activation, per tensor or per row (non-contracting index)."""
-    axes = lay.act_contracting if per_row else tuple(range(x.ndim))
+    return _absmax_scale(x, _scale_axes(x, lay, per_row))
+
+
+def _scale_axes(x: Any, lay: SiteLayout, per_row: bool) -> tuple[int, ...]:
+    return lay.act_contracting if per_row else tuple(range(x.ndim))
+
+
+def _absmax_scale(x: Any, axes: tuple[int, ...]) -> Any:
     absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
     return jnp.maximum(absmax / _INT8[1], qmath._TINY)
 
 
-def _dynamic_quantize(x: Any, lay: SiteLayout, per_row: bool) -> tuple[Any, Any]:
+def _dynamic_quantize(x: Any, axes: tuple[int, ...]) -> tuple[Any, Any]:
     # The scale is a reduction over `x`: without the barrier XLA:CPU fuses x's producer
-    # (e.g. a depthwise conv) into both the reduction and the quantize, computing it twice.
+    # (e.g. a depthwise conv) into both the reduction and the quantize, computing it twice
+    # (EfficientNet-Lite0 at batch 32: 3671 ms without, 463 ms with).
     x = lax.optimization_barrier(x)
-    scale = dynamic_act_scale(x, lay, per_row)
+    scale = _absmax_scale(x, axes)
     return _quantize_act(x, 1.0 / scale, 0), scale
 
 
-def _dynamic_quantize_conv_input(x: Any, lay: SiteLayout, per_row: bool, site: Site) -> Any:
+def _dynamic_quantize_conv_input(x: Any, axes: tuple[int, ...], site: Site) -> Any:
     """`_dynamic_quantize` of a convolution's input, done channels last on XLA:CPU.
 
     `conv_forms` computes a convolution's input channels last there, so in the model's
@@ -225,28 +232,23 @@ def _dynamic_quantize_conv_input(x: Any, lay: SiteLayout, per_row: bool, site: S
     """
     perm = conv_forms.channels_last_order(site.node.params["dimension_numbers"][0])
     inverse = tuple(int(a) for a in np.argsort(perm))
-    cl_lay = dataclasses.replace(
-        lay, act_contracting=tuple(i for i, a in enumerate(perm) if a in lay.act_contracting)
-    )
+    cl_axes = tuple(i for i, a in enumerate(perm) if a in axes)
 
     def channels_last(x: Any) -> tuple[Any, Any]:
-        x_q, scale = _dynamic_quantize(jnp.transpose(x, perm), cl_lay, per_row)
+        x_q, scale = _dynamic_quantize(jnp.transpose(x, perm), cl_axes)
         return jnp.transpose(x_q, inverse), jnp.transpose(scale, inverse)
 
-    def as_laid_out(x: Any) -> tuple[Any, Any]:
-        return _dynamic_quantize(x, lay, per_row)
-
-    return platforms.dependent(x, cpu=channels_last, default=as_laid_out)
+    return platforms.dependent(x, cpu=channels_last, default=lambda x: _dynamic_quantize(x, axes))
 
 
 def dynamic_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:
     lay = site_layout(site)
-    per_row = plan.act_mode == "dynamic_row"
     x = vals[1 - site.weight_index]
+    axes = _scale_axes(x, lay, per_row=plan.act_mode == "dynamic_row")
     if site.primitive == "conv_general_dilated":
-        x_q, scale = _dynamic_quantize_conv_input(x, lay, per_row, site)
+        x_q, scale = _dynamic_quantize_conv_input(x, axes, site)
     else:
-        x_q, scale = _dynamic_quantize(x, lay, per_row)
+        x_q, scale = _dynamic_quantize(x, axes)
     acc = _bind_int(site, x_q, args["q"], dict(site.node.params), w_sum=args.get("w_sum"))
     if plan.act_mode == "dynamic_row":
         scale = to_output(scale, lay.act_to_out, lay.out_ndim)

@@ -68,11 +68,6 @@ class MinMax(NamedTuple):
     max: jax.Array
 
 
-def row_mask(valid: jax.Array, x: jax.Array) -> jax.Array:
-    """`valid` (rows,) broadcast to the shape of `x`, whose leading axis is rows."""
-    return jnp.broadcast_to(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x.shape)
-
-
 def batch_extremes(batch: SiteBatch, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
     """The min and max over the valid rows (of every device, with `axis_name`)."""
     lo = jnp.min(jnp.where(batch.valid, batch.row_min, jnp.inf), initial=jnp.inf)
