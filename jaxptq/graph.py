@@ -267,11 +267,14 @@ def evaluate(
     consts: Mapping[int, Any],
     args: Sequence[Any],
     site_rules: Mapping[int, SiteRule] | None = None,
+    forward: Mapping[int, int] | None = None,
 ) -> list[Any]:
     """Runs the graph. `consts` maps `Value.id` to the runtime array of each constant.
 
     `site_rules` maps `id(site.node)` to a function of the site and its input arrays
-    that replaces the node (the weight input is None when it was not passed).
+    that replaces the node (the weight input is None when it was not passed). `forward`
+    maps `id(node)` to the input a node passes on unchanged: the ops a fused requantize
+    has already applied (`jaxptq.requant`).
     """
     env: dict[int, Any] = dict(consts)
     for v, a in zip(graph.inputs, args, strict=True):
@@ -284,10 +287,16 @@ def evaluate(
 
     sites = {id(s.node): s for s in graph.sites}
     rules = site_rules or {}
+    passed = forward or {}
     for node in graph.nodes:
         vals = [read(v) for v in node.inputs]
         rule = rules.get(id(node))
-        out = [rule(sites[id(node)], vals)] if rule is not None else bind(node, vals)
+        if id(node) in passed:
+            out = [vals[passed[id(node)]]]
+        elif rule is not None:
+            out = [rule(sites[id(node)], vals)]
+        else:
+            out = bind(node, vals)
         for var, val in zip(node.outputs, out, strict=True):
             env[var.id] = val
     return [read(v) for v in graph.outputs]

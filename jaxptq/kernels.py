@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxptq import conv_forms, platforms, qmath, u8s8
+from jaxptq import conv_forms, platforms, qmath, requant, u8s8
 from jaxptq.graph import Site
 from jaxptq.layout import SiteLayout, site_layout, to_output
 from jaxptq.plan import SitePlan
@@ -25,6 +25,18 @@ _INT8 = qmath.signed_range(8)
 
 def _operands(site: Site, x: Any, w: Any) -> tuple[Any, Any]:
     return (w, x) if site.weight_index == 0 else (x, w)
+
+
+def _dense_weight(site: Site, w_q: Any, params: dict[str, Any]) -> Any:
+    """The [K, N] weight when the site is `x[..., K] @ w`, the `u8 x s8` form on XLA:CPU
+    (`jaxptq.u8s8`); else None."""
+    if site.primitive != "dot_general":
+        return None
+    (lhs_contract, rhs_contract), batch = params["dimension_numbers"]
+    last = len(site.activation.aval.shape) - 1
+    if site.weight_index != 1 or w_q.ndim != 2 or batch[0] or tuple(lhs_contract) != (last,):
+        return None
+    return w_q if tuple(rhs_contract) == (0,) else w_q.T
 
 
 def _bind_int(
@@ -43,14 +55,9 @@ def _bind_int(
         params["precision"] = None
     if site.primitive == "conv_general_dilated":
         return conv_forms.conv(x_q, w_q, params, pad_value, w_sum)
-    (lhs_contract, rhs_contract), batch = params["dimension_numbers"]
-    if (
-        site.weight_index == 1
-        and w_q.ndim == 2
-        and not batch[0]
-        and tuple(lhs_contract) == (x_q.ndim - 1,)
-    ):  # x[..., K] @ w: the u8 x s8 form on XLA:CPU
-        return u8s8.dot(x_q, w_q if tuple(rhs_contract) == (0,) else w_q.T, w_sum)
+    dense = _dense_weight(site, w_q, params)
+    if dense is not None:
+        return u8s8.dot(x_q, dense, w_sum)
     return u8s8.s8_dot_general(*_operands(site, x_q, w_q), params["dimension_numbers"])
 
 
@@ -108,8 +115,9 @@ def static_args(plan: SitePlan, site: Site) -> Args:
         "out_scale": (np.float32(plan.act_scale) * w_scale).astype(np.float32),
         **_u8_args(sums, site),
     }
-    if plan.act_zero_point != 0:
-        # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q: the second term is a constant.
+    if plan.act_zero_point != 0 and _dense_weight(site, plan.weight_q, site.node.params) is None:
+        # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q: the second term is a constant
+        # (`u8s8.dot_codes` takes it for dense sites).
         args["zp_term"] = (
             np.int32(plan.act_zero_point) * to_output(sums, lay.weight_to_out, lay.out_ndim)
         ).astype(np.int32)
@@ -121,6 +129,12 @@ def static_args(plan: SitePlan, site: Site) -> Args:
 def _quantize_act(x: Any, inv_scale: Any, zero_point: int) -> Any:
     q = jnp.round(x.astype(jnp.float32) * inv_scale) + zero_point
     return jnp.clip(q, *_INT8).astype(jnp.int8)
+
+
+def _quantize_codes(x: Any, inv_scale: Any, zero_point: int) -> Any:
+    """`_quantize_act(...) + 128` as uint8, the codes `u8s8.dot_codes` reads."""
+    q = jnp.round(x.astype(jnp.float32) * inv_scale) + (zero_point + 128)
+    return jnp.clip(q, 0, 255).astype(jnp.uint8)
 
 
 def _has_padding(site: Site) -> bool:
@@ -167,19 +181,38 @@ def _conv_minus_zero_point(site: Site, x_q: Any, args: Args, zero_point: int) ->
     )
 
 
-def static_apply(plan: SitePlan, site: Site, vals: list[Any], args: Args) -> Any:
-    assert plan.act_zero_point is not None
-    x = vals[1 - site.weight_index]
-    x_q = _quantize_act(x, args["inv_scale"], plan.act_zero_point)
+def _static_sum(plan: SitePlan, site: Site, x: Any, args: Args, codes_in: bool) -> Any:
+    """`sum_k (x_q - zp) w_q` as float32; `x` is float, or uint8 codes when `codes_in`."""
+    zp = plan.act_zero_point
+    assert zp is not None
+    params = dict(site.node.params)
+    dense = _dense_weight(site, args["q"], params)
+    if dense is not None:
+        codes = x if codes_in else _quantize_codes(x, args["inv_scale"], zp)
+        return u8s8.dot_codes(codes, dense, args.get("w_sum"), zp).astype(jnp.float32)
+    x_q = u8s8.to_int8(x) if codes_in else _quantize_act(x, args["inv_scale"], zp)
     if "zp_term" not in args:
-        params = dict(site.node.params)
-        y = _bind_int(site, x_q, args["q"], params, w_sum=args.get("w_sum")).astype(jnp.float32)
-    elif site.primitive == "conv_general_dilated":
-        y = _conv_minus_zero_point(site, x_q, args, plan.act_zero_point)
-    else:
-        # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
-        acc = _bind_int(site, x_q, args["q"], dict(site.node.params), w_sum=args.get("w_sum"))
-        y = (acc - args["zp_term"]).astype(jnp.float32)
+        return _bind_int(site, x_q, args["q"], params, w_sum=args.get("w_sum")).astype(jnp.float32)
+    if site.primitive == "conv_general_dilated":
+        return _conv_minus_zero_point(site, x_q, args, zp)
+    # sum_k (x_q - zp) w_q = sum_k x_q w_q - zp * sum_k w_q, the second a constant
+    acc = _bind_int(site, x_q, args["q"], params, w_sum=args.get("w_sum"))
+    return (acc - args["zp_term"]).astype(jnp.float32)
+
+
+def static_apply(
+    plan: SitePlan,
+    site: Site,
+    vals: list[Any],
+    args: Args,
+    codes_in: bool = False,
+    requant_args: Args | None = None,
+) -> Any:
+    """The int8 site. With `codes_in` its activation arrives as uint8 codes, and with
+    `requant_args` its output leaves as the next sites' codes (`jaxptq.requant`)."""
+    y = _static_sum(plan, site, vals[1 - site.weight_index], args, codes_in)
+    if requant_args is not None:
+        return requant.requantize(y, requant_args)
     y = y * args["out_scale"]
     if "bias" in args:
         y = y + args["bias"]

@@ -9,17 +9,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxptq import kernels
+from jaxptq import kernels, requant
 from jaxptq.graph import Graph, Site, build_graph, evaluate
 from jaxptq.plan import QuantPlan, SitePlan
 
 
 def _shape_key(flat: list[Any], tree: Any) -> tuple[Any, ...]:
+    # dtype objects, not their names: this runs on every call, and `str(dtype)` was half
+    # of its cost (an MLP's whole int8 program runs in ~50 us)
     return (
         tree,
-        tuple(
-            (tuple(np.shape(a)), str(getattr(a, "dtype", None) or np.result_type(a))) for a in flat
-        ),
+        tuple((np.shape(a), getattr(a, "dtype", None) or np.result_type(a)) for a in flat),
     )
 
 
@@ -93,20 +93,43 @@ class QuantizedFunction:
             return program
         matched = [(s, sp) for s, sp in self._matched_sites(graph) if sp.quantized]
         consts = graph.runtime_consts([s for s, _ in matched])
+        plans = {sp.name: sp for _, sp in matched}
+        chains = requant.find_chains(graph, plans)
+        chain_arrays = {
+            c.producer.name: requant.chain_args(
+                c,
+                kernels.static_args(plans[c.producer.name], c.producer),
+                plans[c.consumers[0].name],
+            )
+            for c in chains
+        }
+        codes_in = {t.name for c in chains for t in c.consumers}
+        forward = {id(n): i for c in chains for n, i in zip(c.folded, c.running, strict=True)}
 
-        def run(site_args: dict[str, Any], const_arrays: list[Any], *flat_args: Any) -> Any:
+        def run(
+            site_args: dict[str, Any],
+            fused_args: dict[str, Any],
+            const_arrays: list[Any],
+            *flat_args: Any,
+        ) -> Any:
             rules = {}
             for site, sp in matched:
                 apply = kernels.KERNELS[sp.act_mode][1]
+                if sp.name in codes_in or sp.name in fused_args:
+                    apply = functools.partial(
+                        kernels.static_apply,
+                        codes_in=sp.name in codes_in,
+                        requant_args=fused_args.get(sp.name),
+                    )
                 rules[id(site.node)] = functools.partial(
                     _call_kernel, apply, sp, site_args[sp.name]
                 )
             env = {v.id: c for v, c in zip(consts, const_arrays, strict=True)}
-            outs = evaluate(graph, env, flat_args, rules)
+            outs = evaluate(graph, env, flat_args, rules, forward)
             return jax.tree_util.tree_unflatten(graph.out_tree, outs)
 
         const_arrays = _on_device([np.asarray(v.const) for v in consts])
-        program = _Program(jax.jit(run), const_arrays)
+        program = _Program(jax.jit(run), [_on_device(chain_arrays), const_arrays])
         self._programs[id(graph)] = program
         return program
 
@@ -123,17 +146,18 @@ class QuantizedFunction:
 
 
 class _Program:
-    """A jitted program with its float constants bound as arguments."""
+    """A jitted program with its graph's own arrays (fused requantize parameters, float
+    constants) bound as arguments."""
 
-    def __init__(self, jitted: Any, const_arrays: list[Any]):
+    def __init__(self, jitted: Any, graph_arrays: list[Any]):
         self.jitted = jitted
-        self.const_arrays = const_arrays
+        self.graph_arrays = graph_arrays
 
     def __call__(self, site_args: Any, *flat: Any) -> Any:
-        return self.jitted(site_args, self.const_arrays, *flat)
+        return self.jitted(site_args, *self.graph_arrays, *flat)
 
     def lower(self, site_args: Any, *flat: Any) -> jax.stages.Lowered:
-        return self.jitted.lower(site_args, self.const_arrays, *flat)
+        return self.jitted.lower(site_args, *self.graph_arrays, *flat)
 
 
 def _on_device(tree: Any) -> Any:

@@ -77,18 +77,50 @@ def dot(x: Any, w: Any, w_sum: Any = None) -> Any:
     `w_sum`, `sum_k w` as int32[N], saves the program that reduction when the caller has
     it already (a plan computes it once with the weights).
     """
+    return platforms.dependent(
+        x,
+        w,
+        w_sum,
+        cpu=lambda x, w, w_sum: dot_codes(_flip_to_uint8(x), w, w_sum),
+        default=lambda x, w, w_sum: s8_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ()))),
+    )
 
-    def on_cpu(x: Any, w: Any, w_sum: Any) -> Any:
+
+def to_int8(codes: Any) -> Any:
+    """The int8 value `q` of a code `q + 128` held as uint8."""
+    return lax.bitcast_convert_type(codes ^ jnp.uint8(0x80), jnp.int8)
+
+
+def dot_codes(codes: Any, w: Any, w_sum: Any = None, zero_point: int = 0) -> Any:
+    """`sum_k (q - zero_point) w` for activations given as uint8 codes `q + 128`, exactly,
+    as int32.
+
+    Codes are what a fused requantize writes (`jaxptq.requant`) and what the `u8 x s8`
+    dot reads, so on XLA:CPU nothing converts between them, and the two constant terms
+    (`128 sum w` of the code offset, `zero_point sum w`) are one subtraction, none when
+    `zero_point` is -128 (the zero point of every ReLU output).
+    """
+    offset = 128 + zero_point
+
+    def on_cpu(codes: Any, w: Any, w_sum: Any) -> Any:
+        acc = u8s8_dot_p.bind(codes, w)
+        if offset == 0:
+            return acc
         if w_sum is None:
             # Behind a barrier: when `w` is a constant XLA would otherwise fold this sum
             # at compile time, 1-2 s for a 1280x1000 weight.
             w_sum = jnp.sum(lax.optimization_barrier(w).astype(jnp.int32), axis=0)
-        return u8s8_dot_p.bind(_flip_to_uint8(x), w) - 128 * w_sum
+        return acc - offset * w_sum
 
-    def elsewhere(x: Any, w: Any, w_sum: Any) -> Any:
-        return s8_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+    def elsewhere(codes: Any, w: Any, w_sum: Any) -> Any:
+        acc = s8_dot_general(to_int8(codes), w, (((codes.ndim - 1,), (0,)), ((), ())))
+        if zero_point == 0:
+            return acc
+        if w_sum is None:
+            w_sum = jnp.sum(w.astype(jnp.int32), axis=0)
+        return acc - zero_point * w_sum
 
-    return platforms.dependent(x, w, w_sum, cpu=on_cpu, default=elsewhere)
+    return platforms.dependent(codes, w, w_sum, cpu=on_cpu, default=elsewhere)
 
 
 def s8_dot_general(lhs: Any, rhs: Any, dimension_numbers: Any) -> Any:

@@ -206,7 +206,8 @@ def run_case(
         cos = cosine(y_ref, r["fn"](case["x32"]))
         ptq_s = f"{plan_time[r['name']]:.1f}" if r["name"] in plan_time else "-"
         print(
-            f"| {r['name']} | {ms1:.2f} | {ref1 / ms1:.2f} | {ms32:.1f} | {ref32 / ms32:.2f} "
+            f"| {r['name']} | {ms1:.2f} | {ref1 / ms1:.2f} | {ms32:.{1 if ms32 >= 10 else 2}f} "
+            f"| {ref32 / ms32:.2f} "
             f"| {weight_bytes:,} | {int8_sites} | {int8_ops} | {acc} | {cos:.5f} | {ptq_s} |"
         )
 

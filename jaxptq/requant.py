@@ -1,0 +1,214 @@
+"""Fused requantization: an int8 site's output goes to the next int8 sites as codes.
+
+Between two `FULL_QUANT` sites the float program computes `y = acc * out_scale (+ bias
+correction)`, then the model's own bias `Add` and activation (`max(y, 0)`, a clip to 6),
+and the next site rounds `y / s + zp` to int8. Every step is affine or a bound, so the
+chain folds into one requantize of the accumulator:
+
+    code = floor(clamp(acc * M + B, lo, hi)),  M = out_scale / s,
+                                              B = bias / s + zp + 128.5
+
+`code` is `q + 128` as uint8 (`jaxptq.u8s8.dot_codes` reads it as it is), and the clamp
+bounds hold `[0, 255]` and the activation's bounds mapped the same way. Truncating a
+non-negative float is its floor, so the rounding (half up, at exact ties only different
+from `round`'s half to even) costs no operation of its own: the requantize is five per
+value (convert, multiply, add, clamp, convert). That count matters on XLA:CPU, whose cost
+model splits a loop fusion over threads once it does more arithmetic than it moves bytes
+(`DefaultCostModel` in XLA's `parallel_task_assignment.cc`); a 32x128 requantize of 13
+operations was split in two, and waking the second core cost more than the whole layer
+(the MLP of `scripts/bench_core.py`, docs/benchmarks.md).
+
+A chain is folded only when nothing else reads its values: each intermediate value has one
+reader and is no output, and every reader of the last one is an int8 site quantizing it
+with the same scale and zero point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxptq.graph import Graph, Node, Site, Value
+from jaxptq.layout import site_layout
+from jaxptq.plan import SitePlan
+
+Args = dict[str, Any]
+
+
+@dataclasses.dataclass
+class _Affine:
+    """The folded ops so far: `clamp(y + bias, lower, upper)`."""
+
+    bias: np.ndarray | float = 0.0
+    lower: float = -np.inf
+    upper: float = np.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """A site whose output reaches `consumers` only through the `folded` elementwise ops."""
+
+    producer: Site
+    folded: tuple[Node, ...]
+    running: tuple[int, ...]  # per folded node, the input index the chain passes through
+    consumers: tuple[Site, ...]
+    affine: _Affine
+
+
+def _scalar(v: Value) -> float | None:
+    """The constant's one value, if it is a constant holding one value."""
+    if not v.is_const:
+        return None
+    c = np.asarray(v.const)
+    if c.size and np.all(c == c.flat[0]):
+        return float(c.flat[0])
+    return None
+
+
+def _per_channel(v: Value, out_shape: tuple[int, ...], channels: set[int]) -> np.ndarray | None:
+    """The constant as an array varying only along the output channel axes, if it is one."""
+    c = np.asarray(v.const, np.float64)
+    if c.ndim != len(out_shape):
+        return None
+    full = np.broadcast_to(c, out_shape)
+    first = full[tuple(slice(None) if a in channels else slice(0, 1) for a in range(c.ndim))]
+    return first if np.array_equal(np.broadcast_to(first, out_shape), full) else None
+
+
+def _add(state: _Affine, c: Value, sign: float, out_shape: Any, channels: set[int]) -> bool:
+    s = _scalar(c)
+    if s is not None:
+        state.bias, state.lower, state.upper = (
+            state.bias + sign * s,
+            state.lower + sign * s,
+            state.upper + sign * s,
+        )
+        return True
+    if not c.is_const or np.isfinite(state.lower) or np.isfinite(state.upper):
+        return False  # another activation, or a per-channel shift of a bound
+    vec = _per_channel(c, out_shape, channels)
+    if vec is None:
+        return False
+    state.bias = state.bias + sign * vec
+    return True
+
+
+def _bound(state: _Affine, c: Value, take: Callable[[float, float], float]) -> bool:
+    s = _scalar(c)
+    if s is None:
+        return False
+    state.lower, state.upper = take(state.lower, s), take(state.upper, s)
+    return True
+
+
+# Per primitive: given the state, the node and the index of the chain's input, fold the
+# node in and say whether it could be.
+_FOLD: dict[str, Callable[[_Affine, Node, int, Any, set[int]], bool]] = {
+    "add": lambda st, n, i, shape, ch: _add(st, n.inputs[1 - i], 1.0, shape, ch),
+    "sub": lambda st, n, i, shape, ch: i == 0 and _add(st, n.inputs[1], -1.0, shape, ch),
+    "max": lambda st, n, i, shape, ch: _bound(st, n.inputs[1 - i], max),
+    "min": lambda st, n, i, shape, ch: _bound(st, n.inputs[1 - i], min),
+    "clamp": lambda st, n, i, shape, ch: (
+        i == 1 and _bound(st, n.inputs[0], max) and _bound(st, n.inputs[2], min)
+    ),
+}
+
+
+def _readers(graph: Graph) -> dict[int, list[tuple[Node, int]]]:
+    out: dict[int, list[tuple[Node, int]]] = {}
+    for node in graph.nodes:
+        for i, v in enumerate(node.inputs):
+            if not v.is_const:
+                out.setdefault(v.id, []).append((node, i))
+    return out
+
+
+def _is_static(plan: SitePlan | None) -> bool:
+    return plan is not None and plan.quantized and plan.act_mode == "static"
+
+
+def find_chains(graph: Graph, plans: Mapping[str, SitePlan]) -> list[Chain]:
+    """Every producer -> folded ops -> int8 consumers chain of the graph (module doc)."""
+    readers = _readers(graph)
+    outputs = {v.id for v in graph.outputs}
+    site_of = {id(s.node): s for s in graph.sites}
+    chains = []
+    for site in graph.sites:
+        if not _is_static(plans.get(site.name)):
+            continue
+        value = site.node.outputs[0]
+        shape = tuple(value.aval.shape)
+        if value.aval.dtype != np.float32:
+            continue
+        lay = site_layout(site)
+        channels = {o for o in lay.weight_to_out if o is not None}
+        state = _Affine()
+        folded: list[Node] = []
+        running: list[int] = []
+        while value.id not in outputs:
+            nexts = readers.get(value.id, [])
+            if len(nexts) != 1 or id(nexts[0][0]) in site_of:
+                break
+            node, i = nexts[0]
+            fold = _FOLD.get(node.primitive.name)
+            out = node.outputs[0]
+            if fold is None or tuple(out.aval.shape) != shape or out.aval.dtype != np.float32:
+                break
+            if not fold(state, node, i, shape, channels):
+                break
+            folded.append(node)
+            running.append(i)
+            value = out
+        consumers = _consumers(value, readers, outputs, site_of, plans)
+        if consumers:
+            chains.append(Chain(site, tuple(folded), tuple(running), consumers, state))
+    return chains
+
+
+def _consumers(
+    value: Value,
+    readers: Mapping[int, list[tuple[Node, int]]],
+    outputs: set[int],
+    site_of: Mapping[int, Site],
+    plans: Mapping[str, SitePlan],
+) -> tuple[Site, ...]:
+    """The int8 sites that alone read `value` as their activation, with one shared
+    quantization; () when anything else reads it."""
+    if value.id in outputs or not readers.get(value.id):
+        return ()
+    sites = []
+    for node, i in readers[value.id]:
+        site = site_of.get(id(node))
+        if site is None or i != 1 - site.weight_index or not _is_static(plans.get(site.name)):
+            return ()
+        sites.append(site)
+    params = {(plans[s.name].act_scale, plans[s.name].act_zero_point) for s in sites}
+    return tuple(sites) if len(params) == 1 else ()
+
+
+def chain_args(chain: Chain, producer_args: Args, consumer: SitePlan) -> Args:
+    """The requantize's arrays (`M`, `B`, the bounds) from the producer's kernel arrays
+    (`kernels.static_args`) and the consumers' activation quantization."""
+    assert consumer.act_scale is not None and consumer.act_zero_point is not None
+    scale = np.float64(consumer.act_scale)
+    offset = consumer.act_zero_point + 128.5
+    bias = chain.affine.bias + np.asarray(producer_args.get("bias", 0.0), np.float64)
+    out_scale = np.asarray(producer_args["out_scale"], np.float64)
+    return {
+        "scale": (out_scale / scale).astype(np.float32),
+        "offset": np.asarray(bias / scale + offset, np.float32),
+        "lo": np.float32(max(0.0, chain.affine.lower / scale + offset)),
+        "hi": np.float32(min(255.0, chain.affine.upper / scale + offset)),
+    }
+
+
+def requantize(y: Any, args: Args) -> Any:
+    """uint8 codes `q + 128` of the consumers' input, from the producer's float32
+    `sum (x_q - zp) w_q` (module doc)."""
+    t = lax.clamp(args["lo"], y * args["scale"] + args["offset"], args["hi"])
+    return t.astype(jnp.uint8)
