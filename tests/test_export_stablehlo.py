@@ -52,9 +52,11 @@ def test_packed_4bit_weights_stay_packed(lenet, calib, digits_data, tmp_path):
             npz[k].size for k in npz.files if k.startswith("p") and npz[k].dtype == np.uint8
         )
     want = sorted(qmath.packed_size(sp.weight_elements, 4) for sp in qfn.plan.quantized_sites)
-    assert packed == want  # two weights a byte, nothing unpacked alongside
+    # two weights a byte, nothing unpacked alongside; the small ones share one buffer
+    # (`jaxptq.arg_pack`), the 5040-byte one travels alone
+    assert sum(packed) == sum(want) and max(want) in packed
     text = loaded.mlir_module()
-    for n in want:
+    for n in packed:
         assert f"tensor<{n}xui8>" in text
 
 

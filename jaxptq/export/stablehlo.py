@@ -48,7 +48,7 @@ def export_stablehlo(
         raise TypeError("export_stablehlo needs example arguments to fix the input shapes.")
     graph = qfn._graphs.get(example_args)
     program = qfn._program(graph)
-    params = (qfn.site_args(), *program.graph_arrays)
+    params = program.params
     flat = jax.tree_util.tree_leaves(example_args)
     exported = jax_export.export(program.jitted)(*params, *flat)
     param_leaves = jax.tree_util.tree_leaves(params)
