@@ -261,11 +261,16 @@ def _flat(arrays: Sequence[Any]) -> jax.Array:
 
 
 def _round_program(graph: Graph, matched: list[tuple[Site, SitePlan]]) -> tuple[Any, list[Any]]:
-    """A jitted `(site_args, consts, *flat) -> (output cosines, origin, dequant)`: the float
-    and the quantized program side by side, every site's input and output concatenated."""
+    """A jitted `(site_args, consts, outputs, *flat) -> (output cosines, origin, dequant)`:
+    the float program and the quantized sites side by side, every site's input and output
+    concatenated. The output cosines compare the float outputs with `outputs`, those of the
+    program the user runs: there, int8 sites may hand each other codes (`jaxptq.requant`),
+    while here each site is run alone so that its input and output can be recorded."""
     consts = graph.runtime_consts()
 
-    def run(site_args: dict[str, Any], const_arrays: list[Any], *flat: Any) -> Any:
+    def run(
+        site_args: dict[str, Any], const_arrays: list[Any], outputs: list[Any], *flat: Any
+    ) -> Any:
         env = {v.id: c for v, c in zip(consts, const_arrays, strict=True)}
         seen_float: dict[str, tuple[Any, Any]] = {}
         seen_quant: dict[str, tuple[Any, Any]] = {}
@@ -287,8 +292,8 @@ def _round_program(graph: Graph, matched: list[tuple[Site, SitePlan]]) -> tuple[
         f_rules = {id(s.node): float_rule for s, _ in matched}
         q_rules = {id(s.node): _bind(quant_rule, sp) for s, sp in matched}
         y_float = evaluate(graph, env, flat, f_rules)
-        y_quant = evaluate(graph, env, flat, q_rules)
-        cosines = [cosine_similarity(a, b) for a, b in zip(y_float, y_quant, strict=True)]
+        evaluate(graph, env, flat, q_rules)
+        cosines = [cosine_similarity(a, b) for a, b in zip(y_float, outputs, strict=True)]
         origin, dequant = [], []
         for site, _ in matched:  # the order of `_activation_segments`
             (x, y), (xd, yd) = seen_float[site.name], seen_quant[site.name]
@@ -463,7 +468,8 @@ def write_debug_report(
     if qfn.plan.quant_type != "FULL_QUANT":
         samples = samples[:1]
     for rnd, sample in enumerate(samples):
-        cosines, origin, dequant = program(site_args, consts, *sample)
+        outputs = jax.tree_util.tree_leaves(qfn(*jax.tree_util.tree_unflatten(in_tree, sample)))
+        cosines, origin, dequant = program(site_args, consts, outputs, *sample)
         stats = segments.run(origin, dequant) | weight_stats
         out_names = out_names or _output_names(qfn.fn, len(cosines))
         summary_rows += [[rnd, name, float(c)] for name, c in zip(out_names, cosines, strict=True)]

@@ -98,12 +98,11 @@ class QuantizedFunction:
         matched = [(s, sp) for s, sp in self._matched_sites(graph) if sp.quantized]
         consts = graph.runtime_consts([s for s, _ in matched])
         plans = {sp.name: sp for _, sp in matched}
+        all_site_args = self.site_args()
         chains = requant.find_chains(graph, plans)
         chain_arrays = {
             c.producer.name: requant.chain_args(
-                c,
-                kernels.static_args(plans[c.producer.name], c.producer),
-                plans[c.consumers[0].name],
+                c, all_site_args[c.producer.name], plans[c.consumers[0].name]
             )
             for c in chains
         }
@@ -111,7 +110,7 @@ class QuantizedFunction:
         forward = {id(n): i for c in chains for n, i in zip(c.folded, c.running, strict=True)}
 
         const_arrays = [np.asarray(v.const) for v in consts]
-        pack = ArgPack((self.site_args(), chain_arrays, const_arrays))
+        pack = ArgPack((all_site_args, chain_arrays, const_arrays))
 
         def run(large: list[Any], buffers: dict[str, Any], *flat_args: Any) -> Any:
             site_args, fused_args, const_arrays = pack.unpack(large, buffers)

@@ -100,25 +100,23 @@ def dot_codes(codes: Any, w: Any, w_sum: Any = None, zero_point: int = 0) -> Any
     (`128 sum w` of the code offset, `zero_point sum w`) are one subtraction, none when
     `zero_point` is -128 (the zero point of every ReLU output).
     """
-    offset = 128 + zero_point
 
-    def on_cpu(codes: Any, w: Any, w_sum: Any) -> Any:
-        acc = u8s8_dot_p.bind(codes, w)
-        if offset == 0:
+    def minus(acc: Any, w: Any, w_sum: Any, term: int) -> Any:
+        """`acc - term * sum_k w`, exactly; nothing when `term` is 0."""
+        if term == 0:
             return acc
         if w_sum is None:
             # Behind a barrier: when `w` is a constant XLA would otherwise fold this sum
             # at compile time, 1-2 s for a 1280x1000 weight.
             w_sum = jnp.sum(lax.optimization_barrier(w).astype(jnp.int32), axis=0)
-        return acc - offset * w_sum
+        return acc - term * w_sum
+
+    def on_cpu(codes: Any, w: Any, w_sum: Any) -> Any:
+        return minus(u8s8_dot_p.bind(codes, w), w, w_sum, 128 + zero_point)
 
     def elsewhere(codes: Any, w: Any, w_sum: Any) -> Any:
         acc = s8_dot_general(to_int8(codes), w, (((codes.ndim - 1,), (0,)), ((), ())))
-        if zero_point == 0:
-            return acc
-        if w_sum is None:
-            w_sum = jnp.sum(w.astype(jnp.int32), axis=0)
-        return acc - zero_point * w_sum
+        return minus(acc, w, w_sum, zero_point)
 
     return platforms.dependent(codes, w, w_sum, cpu=on_cpu, default=elsewhere)
 

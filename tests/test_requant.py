@@ -42,7 +42,7 @@ def _unfused(qfn: Any, x: np.ndarray) -> np.ndarray:
         for site, sp in zip(graph.sites, qfn.plan.sites, strict=True)
         if sp.quantized
     }
-    consts = {v.id: v.const for v in graph.runtime_consts([s for s in graph.sites])}
+    consts = {v.id: v.const for v in graph.runtime_consts(graph.sites)}
     return np.asarray(jax.jit(lambda x: evaluate(graph, consts, [x], rules)[0])(x))
 
 
