@@ -156,10 +156,23 @@ def im2col_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any =
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     x = channels_last(x, lhs_spec)
     w = jnp.transpose(w, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # (k..., I, O)
-    taps = [tap for _, tap in depthwise.shifted_taps(x, w.shape[:-2], params, pad_value)]
-    patches = jnp.concatenate(taps, axis=-1)  # tap-major, then channel: w's order below
     w_matrix = w.reshape(-1, w.shape[-1])
+    patches = _patches(x, w.shape[:-2], params, pad_value)
     return _from_channels_last(_dot(patches, w_matrix, params, w_sum), out_spec)
+
+
+def _patches(x: Any, kernel: tuple[int, ...], params: Params, pad_value: Any) -> Any:
+    """Channels-last `x` as (N, out spatial..., taps x C), tap-major as `w` is reshaped.
+
+    The taps of one axis are stacked, then those of the next: a few fusions. Concatenating
+    all taps at once became one fusion per tap plus a concatenate in XLA:CPU (LeNet's 5x5
+    layers at batch 32: 26 ops, 44-97 us, against 5 ops, 18-21 us)."""
+    x = depthwise.pad_spatial(x, params, pad_value)
+    spatial = x.ndim - 2
+    for i, (k, d, s) in enumerate(depthwise.window_params(params, kernel)):
+        taps = [depthwise.window_slice(x, 1 + i, o, k, d, s) for o in range(k)]
+        x = jnp.stack(taps, axis=1 + spatial + i)  # (N, spatial..., k_0..k_i, C)
+    return x.reshape(*x.shape[: 1 + spatial], -1)
 
 
 def generic_conv(x: Any, w: Any, params: Params, pad_value: Any = 0, w_sum: Any = None) -> Any:

@@ -36,32 +36,40 @@ def is_depthwise(
     )
 
 
+def pad_spatial(x: Any, params: dict[str, Any], pad_value: Any = 0) -> Any:
+    """Channels-last `x` (N, spatial..., C) padded with `pad_value` as `params` say."""
+    config = [(0, 0, 0)] * x.ndim
+    for axis, (lo, hi) in zip(range(1, x.ndim - 1), params["padding"], strict=True):
+        config[axis] = (lo, hi, 0)
+    return lax.pad(x, jnp.asarray(pad_value, x.dtype), config)
+
+
+def window_slice(x: Any, axis: int, offset: int, kernel: int, dilation: int, stride: int) -> Any:
+    """The strided slice of padded `x` along `axis` that kernel offset `offset` multiplies."""
+    out_size = (x.shape[axis] - (kernel - 1) * dilation - 1) // stride + 1
+    start = offset * dilation
+    return lax.slice_in_dim(x, start, start + (out_size - 1) * stride + 1, stride, axis)
+
+
+def window_params(params: dict[str, Any], kernel: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(kernel size, dilation, stride) of each spatial axis."""
+    dilation = params.get("rhs_dilation") or (1,) * len(kernel)
+    return list(zip(kernel, dilation, params["window_strides"], strict=True))
+
+
 def shifted_taps(
     x: Any, kernel: tuple[int, ...], params: dict[str, Any], pad_value: Any = 0
 ) -> list[tuple[tuple[int, ...], Any]]:
     """For channels-last `x` (N, spatial..., C), padded with `pad_value` as `params` say:
     each kernel offset with the strided slice of `x` that the offset multiplies."""
-    spatial = range(1, x.ndim - 1)
-    config = [(0, 0, 0)] * x.ndim
-    for axis, (lo, hi) in zip(spatial, params["padding"], strict=True):
-        config[axis] = (lo, hi, 0)
-    x = lax.pad(x, jnp.asarray(pad_value, x.dtype), config)
-    strides = params["window_strides"]
-    dilation = params.get("rhs_dilation") or (1,) * len(kernel)
-    out_sizes = [
-        (x.shape[a] - (k - 1) * d - 1) // s + 1
-        for a, k, d, s in zip(spatial, kernel, dilation, strides, strict=True)
-    ]
+    x = pad_spatial(x, params, pad_value)
+    window = window_params(params, kernel)
     taps = []
     for offsets in np.ndindex(*kernel):
-        start = [0] * x.ndim
-        limit = list(x.shape)
-        step = [1] * x.ndim
-        for a, o, d, s, n in zip(spatial, offsets, dilation, strides, out_sizes, strict=True):
-            start[a] = o * d
-            limit[a] = o * d + (n - 1) * s + 1
-            step[a] = s
-        taps.append((offsets, lax.slice(x, start, limit, step)))
+        tap = x
+        for axis, (o, (k, d, s)) in enumerate(zip(offsets, window, strict=True), start=1):
+            tap = window_slice(tap, axis, o, k, d, s)
+        taps.append((offsets, tap))
     return taps
 
 

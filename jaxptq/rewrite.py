@@ -26,6 +26,13 @@ def _dtype(a: Any) -> Any:
     return np.result_type(a) if dtype is None else dtype
 
 
+def _array_key(a: Any) -> tuple[Any, ...]:
+    """(shape, dtype) of an array or tracer; () for anything else (a pytree, a scalar),
+    a key never stored."""
+    shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
+    return () if shape is None or dtype is None else (shape, dtype)
+
+
 class GraphCache:
     """One traced, folded graph per input signature: the plan is shape-free, graphs are not."""
 
@@ -59,6 +66,7 @@ class QuantizedFunction:
         self._graphs = graphs
         self._programs: dict[int, _Program] = {}
         self._by_shape: dict[tuple[Any, ...], _Program] = {}
+        self._one_array: dict[tuple[Any, ...], Callable[[Any], Any]] = {}
         self._site_args: dict[str, dict[str, Any]] | None = None
         functools.update_wrapper(self, fn, updated=())
 
@@ -135,12 +143,20 @@ class QuantizedFunction:
         return program
 
     def __call__(self, *args: Any) -> Any:
-        # one flatten and one lookup per call: a small model's int8 program runs in ~50 us
+        # A small model's int8 program runs in ~50 us, so the common call (one array) is one
+        # lookup and a C-level partial: the general path below measured 10-30 us more.
+        if len(args) == 1:
+            call = self._one_array.get(_array_key(args[0]))
+            if call is not None:
+                return call(args[0])
         flat, tree = jax.tree_util.tree_flatten(args)
         key = _shape_key(flat, tree)
         program = self._by_shape.get(key)
         if program is None:
             program = self._by_shape[key] = self._program(self._graphs.get(args))
+            one_array = _array_key(args[0]) if len(args) == 1 else ()
+            if one_array:
+                self._one_array[one_array] = functools.partial(program.jitted, *program.params)
         return program(*flat)
 
     def lower(self, *args: Any) -> jax.stages.Lowered:

@@ -142,6 +142,10 @@ def test_jit_and_vmap(full_lenet: Any, digits_data: Any) -> None:
     x = digits_data[2][:16]
     y = np.asarray(full_lenet(x))
     np.testing.assert_array_equal(np.asarray(jax.jit(full_lenet)(x)), y)
+    # the one-array fast path: a device array, another shape, then the first shape again
+    np.testing.assert_array_equal(np.asarray(full_lenet(jax.numpy.asarray(x))), y)
+    np.testing.assert_allclose(np.asarray(full_lenet(x[:5])), y[:5], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(full_lenet(x)), y)
     per_example = jax.vmap(lambda xi: full_lenet(xi[None])[0])(x)
     np.testing.assert_allclose(np.asarray(per_example), y, rtol=1e-5, atol=1e-5)
 
