@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from jaxptq import conv_forms
+from jaxptq import conv_forms, pool_forms
 
 logger = logging.getLogger(__name__)
 
@@ -258,8 +258,11 @@ def bind(node: Node, vals: Sequence[Any]) -> list[Any]:
     return list(result) if node.primitive.multiple_results else [result]
 
 
-# Faster lowerings of float primitives that XLA:CPU runs slowly (see jaxptq.conv_forms).
-FAST_RULES: dict[Any, Callable[..., Any]] = {lax.conv_general_dilated_p: conv_forms.conv}
+# Faster lowerings of primitives that XLA:CPU runs slowly (jaxptq.conv_forms, pool_forms).
+FAST_RULES: dict[Any, Callable[..., Any]] = {
+    lax.conv_general_dilated_p: conv_forms.conv,
+    **pool_forms.RULES,
+}
 
 
 def evaluate(
