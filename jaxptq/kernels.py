@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -39,6 +40,14 @@ def _dense_weight(site: Site, w_q: Any, params: dict[str, Any]) -> Any:
     return w_q if tuple(rhs_contract) == (0,) else w_q.T
 
 
+def _int_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The node's params for an int32-accumulating integer dot/convolution."""
+    params = dict(params, preferred_element_type=np.dtype(np.int32))
+    if "precision" in params:
+        params["precision"] = None
+    return params
+
+
 def _bind_int(
     site: Site,
     x_q: Any,
@@ -50,9 +59,7 @@ def _bind_int(
     """The i8 x i8 -> i32 dot/convolution, with the site's own dimension numbers; a
     convolution's padding holds `pad_value`. `w_sum` (`_u8_args`) is for the u8 x s8
     form XLA:CPU gets (`jaxptq.u8s8`)."""
-    params = dict(params, preferred_element_type=np.dtype(np.int32))
-    if "precision" in params:
-        params["precision"] = None
+    params = _int_params(params)
     if site.primitive == "conv_general_dilated":
         return conv_forms.conv(x_q, w_q, params, pad_value, w_sum)
     dense = _dense_weight(site, w_q, params)
@@ -182,7 +189,10 @@ def _conv_minus_zero_point(site: Site, x_q: Any, args: Args, zero_point: int) ->
 
 
 def _static_sum(plan: SitePlan, site: Site, x: Any, args: Args, codes_in: bool) -> Any:
-    """`sum_k (x_q - zp) w_q` as float32; `x` is float, or uint8 codes when `codes_in`."""
+    """`sum_k (x_q - zp) w_q` as float32; `x` is float, or uint8 codes when `codes_in`.
+
+    Where XLA:CPU's form is a dot (dense sites; pointwise and im2col convolutions) the
+    activation goes in as uint8 codes, the dot's own operand; elsewhere as int8."""
     zp = plan.act_zero_point
     assert zp is not None
     params = dict(site.node.params)
@@ -190,7 +200,26 @@ def _static_sum(plan: SitePlan, site: Site, x: Any, args: Args, codes_in: bool) 
     if dense is not None:
         codes = x if codes_in else _quantize_codes(x, args["inv_scale"], zp)
         return u8s8.dot_codes(codes, dense, args.get("w_sum"), zp).astype(jnp.float32)
+    if site.primitive == "conv_general_dilated" and "w_sum" in args:
+        int_params = _int_params(params)
+        as_codes = jax.ShapeDtypeStruct(x.shape, jnp.uint8)
+        if conv_forms.takes_codes(int_params, as_codes, args["q"]):
+            codes = x if codes_in else _quantize_codes(x, args["inv_scale"], zp)
+            return platforms.dependent(
+                cpu=lambda: conv_forms.conv_codes(
+                    codes, args["q"], int_params, zp, args["w_sum"]
+                ).astype(jnp.float32),
+                default=lambda: _int8_sum(plan, site, u8s8.to_int8(codes), args),
+            )
     x_q = u8s8.to_int8(x) if codes_in else _quantize_act(x, args["inv_scale"], zp)
+    return _int8_sum(plan, site, x_q, args)
+
+
+def _int8_sum(plan: SitePlan, site: Site, x_q: Any, args: Args) -> Any:
+    """`sum_k (x_q - zp) w_q` as float32 from the int8 activation `x_q`."""
+    zp = plan.act_zero_point
+    assert zp is not None
+    params = dict(site.node.params)
     if "zp_term" not in args:
         return _bind_int(site, x_q, args["q"], params, w_sum=args.get("w_sum")).astype(jnp.float32)
     if site.primitive == "conv_general_dilated":

@@ -11,14 +11,7 @@ from jax import lax
 
 from jaxptq import conv_forms, depthwise
 
-
-@pytest.fixture(autouse=True)
-def _on_the_cpu():
-    """The forms are XLA:CPU's, and the reference is a plain integer convolution, which
-    XLA:GPU rejects (it runs int8 convolutions only as cuDNN calls with a float result):
-    both run on the CPU device, also on a machine with a GPU."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        yield
+pytestmark = pytest.mark.usefixtures("on_the_cpu")
 
 
 def _params(lhs_shape, rhs_shape, dn, stride, padding, dilation, groups):
@@ -149,3 +142,38 @@ def test_a_zero_point_pads_every_form() -> None:
         for lowering in (*forms, conv_forms.generic_conv):
             got = lowering(jnp.asarray(lhs), jnp.asarray(rhs), params, -37)
             np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize(
+    ("dn", "c_in", "kernel", "stride", "padding", "zero_point"),
+    [
+        (LAYOUTS[0], 24, (1, 1), (1, 1), ((0, 0), (0, 0)), -128),  # pointwise, a ReLU's zp
+        (LAYOUTS[2], 16, (1, 1), (2, 2), ((0, 0), (0, 0)), 37),  # strided pointwise
+        (LAYOUTS[0], 3, (3, 3), (1, 1), ((1, 1), (1, 1)), -5),  # im2col, padded
+        (LAYOUTS[1], 6, (5, 5), (2, 1), ((2, 2), (0, 3)), 100),  # im2col, uneven padding
+    ],
+)
+def test_codes_go_straight_into_the_dot_forms(dn, c_in, kernel, stride, padding, zero_point):
+    """`conv_codes` reads uint8 codes `q + 128` and gives `sum (q - zp) w` exactly, the
+    padding counting as the zero point, as the int8 convolution of `q - zp` does."""
+    lhs, rhs = _operands(dn, c_in, 24, kernel, 1, np.random.default_rng(5))
+    params = _params(lhs.shape, rhs.shape, dn, stride, padding, (1, 1), 1)
+    assert conv_forms.takes_codes(params, lhs, rhs)
+    out_axis = params["dimension_numbers"][1][0]
+    w_sum = rhs.astype(np.int32).sum(axis=tuple(a for a in range(4) if a != out_axis))
+    codes = (lhs.astype(np.int32) + 128).astype(np.uint8)
+    got = jax.jit(lambda c, w, s: conv_forms.conv_codes(c, w, params, zero_point, s))(
+        codes, rhs, w_sum
+    )
+    centred = jnp.asarray(lhs.astype(np.int32) - zero_point)
+    expected = lax.conv_general_dilated_p.bind(centred, jnp.asarray(rhs, jnp.int32), **params)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_depthwise_and_grouped_convolutions_take_no_codes():
+    rng = np.random.default_rng(6)
+    for c_in, groups in ((6, 6), (24, 2)):
+        lhs, rhs = _operands(LAYOUTS[0], c_in, 24, (3, 3), groups, rng)
+        params = _params(lhs.shape, rhs.shape, LAYOUTS[0], (1, 1), ((1, 1),) * 2, (1, 1), groups)
+        assert not conv_forms.takes_codes(params, lhs, rhs)
