@@ -366,6 +366,19 @@ def _runtime_ops(path: pathlib.Path, tmp_path: pathlib.Path) -> Counter:
     return ops(tmp_path / "optimized.onnx")
 
 
+def test_cpu_target_gemm_runs_as_onnxruntime_qgemm(convnet, tmp_path):
+    # A float C kept the Gemm a float Gemm of its dequantized weight; with the bias as an Add
+    # after it, onnxruntime takes the integer QGemm (CPU target: float biases).
+    src, _, x = convnet
+    rng = np.random.default_rng(2)
+    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    qfn = ptq(import_onnx(src), samples, {"quant_type": "FULL_QUANT", "target_device": "CPU"})
+    path = export_onnx(qfn, tmp_path / "cpu.onnx")
+    runtime = _runtime_ops(path, tmp_path)
+    assert runtime["QGemm"] == 1 and runtime["Gemm"] == 0
+    check_agreement(qfn(x), ort_run(path, x))
+
+
 def test_fuse_calib_lets_onnxruntime_run_every_conv_in_integers(convnet, tmp_path):
     src, qfn, x = convnet
     plain = export_onnx(qfn, tmp_path / "plain.onnx")

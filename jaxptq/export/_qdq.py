@@ -103,6 +103,14 @@ def _fold_bias(
     )
     if bc is not None:
         total = total + channel_vector(bc, channels, f"bias correction of `{node.name}`")
+    if op == "Gemm" and int32_scale is None:
+        # onnxruntime fuses DQ -> Gemm into its integer QGemm only when C is absent or an int32
+        # DequantizeLinear; a float C left EfficientNet-Lite0's classifier a float Gemm that
+        # dequantized its 1280x1000 weight on every run. The float bias goes after, as the
+        # JAX program adds it after the integer dot.
+        del node.input[2:]
+        _add_after(ctx, node, total, post)
+        return
     inputs = list(node.input) + [""] * (3 - len(node.input))
     if int32_scale is not None:
         q, scale = bias_int32(total, np.float32(1.0), int32_scale)
