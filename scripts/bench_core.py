@@ -66,26 +66,29 @@ class ConvNet(nnx.Module):
         return self.head(x.mean(axis=(1, 2)))
 
 
-def paired_latency_ms(
-    ref: Callable[[Any], Any], fn: Callable[[Any], Any], x: Any, repeats: int, min_s: float = 1.0
-) -> tuple[float, float]:
-    """Median wall times of `ref` and `fn`, timed in pairs so both see the same load:
-    `repeats` pairs, more until the pairs took `min_s` (a sub-millisecond model's median
-    over a few pairs moved by 30% between identical programs). Which one goes first is
-    drawn per pair: always timing `ref` first had favoured the second by 5-8% (the float
-    graph against itself read 1.08x)."""
-    jax.block_until_ready(ref(x))
-    jax.block_until_ready(fn(x))
-    ref_times: list[float] = []
-    fn_times: list[float] = []
+def interleaved_latency_ms(
+    fns: list[Callable[[Any], Any]], x: Any, repeats: int, min_s: float = 1.0
+) -> list[float]:
+    """Median wall time of each of `fns`, all timed in the same loop: every round calls each
+    once, in an order drawn per round, for `repeats` rounds and more until the calls took
+    `min_s` in all, so every program sees the same load and the same neighbours.
+
+    Pairs of (reference, program) timed apart drifted against each other: on the MLP the
+    float graph's median moved by 40% between two pairings, so ratios taken through it
+    disagreed with the medians they came from. Always calling the reference first had
+    favoured the second by 5-8% before that."""
+    for f in fns:
+        jax.block_until_ready(f(x))
+    times: list[list[float]] = [[] for _ in fns]
     order = np.random.default_rng(0)
-    while len(ref_times) < repeats or sum(ref_times) + sum(fn_times) < min_s:
-        pair = [(ref, ref_times), (fn, fn_times)]
-        for f, times in pair if order.random() < 0.5 else pair[::-1]:
+    rounds = 0
+    while rounds < repeats or sum(map(sum, times)) < min_s:
+        for i in order.permutation(len(fns)):
             start = time.perf_counter()
-            jax.block_until_ready(f(x))
-            times.append(time.perf_counter() - start)
-    return float(np.median(ref_times) * 1e3), float(np.median(fn_times) * 1e3)
+            jax.block_until_ready(fns[i](x))
+            times[i].append(time.perf_counter() - start)
+        rounds += 1
+    return [float(np.median(t) * 1e3) for t in times]
 
 
 def compiled_int8_ops(fn: Callable[[Any], Any], x: Any) -> int:
@@ -98,6 +101,11 @@ def compiled_int8_ops(fn: Callable[[Any], Any], x: Any) -> int:
         any(dtypes.get(name) == "s8" for name in re.findall(r"%([\w.\-]+)", operands))
         for operands in calls
     )
+
+
+def _ms(ms: float) -> str:
+    """Three significant digits: the digits models run in tens of microseconds."""
+    return f"{ms:.{max(1, 2 - int(np.floor(np.log10(ms))))}f}" if ms < 100 else f"{ms:.1f}"
 
 
 def cosine(a: Any, b: Any) -> float:
@@ -195,15 +203,21 @@ def run_case(
         results.append({"name": mode, "fn": batched(qfn, rows), "plan": qfn.plan})
     ref_fn = results[1]["fn"]
     y_ref = np.asarray(ref_fn(case["x32"]))
+    # Inputs already on the device, as XLA latency is usually taken: a NumPy batch costs the
+    # same host copy on every call of every program (12 us of the MLP's 28 us), which only
+    # pulls every ratio towards 1.
+    x1, x32 = jax.device_put(case["x1"]), jax.device_put(case["x32"])
     print(f"\n### {label}\n")
     print(
-        "| program | batch 1 ms | x fp32 | batch 32 ms | x fp32 | weight bytes | int8 sites "
-        "| i8 ops compiled | accuracy | cosine vs fp32 | ptq s |"
+        "| program | batch 1 ms | x fp32 | batch 32 ms | x fp32 | x plain XLA | weight bytes "
+        "| int8 sites | i8 ops compiled | accuracy | cosine vs fp32 | ptq s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        ref1, ms1 = paired_latency_ms(ref_fn, r["fn"], case["x1"], repeats)
-        ref32, ms32 = paired_latency_ms(ref_fn, r["fn"], case["x32"], max(3, repeats // 3))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fns = [r["fn"] for r in results]
+    b1 = interleaved_latency_ms(fns, x1, repeats)
+    b32 = interleaved_latency_ms(fns, x32, max(3, repeats // 3))
+    # results[0] is plain XLA, results[1] the float graph ("x fp32")
+    for r, ms1, ms32 in zip(results, b1, b32, strict=True):
         plan = r.get("plan")
         weight_bytes = plan.weight_bytes()[1] if plan else total_before
         int8_sites = sum(s.int8_compute for s in plan.sites) if plan else 0
@@ -212,8 +226,8 @@ def run_case(
         cos = cosine(y_ref, r["fn"](case["x32"]))
         ptq_s = f"{plan_time[r['name']]:.1f}" if r["name"] in plan_time else "-"
         print(
-            f"| {r['name']} | {ms1:.2f} | {ref1 / ms1:.2f} | {ms32:.{1 if ms32 >= 10 else 2}f} "
-            f"| {ref32 / ms32:.2f} "
+            f"| {r['name']} | {_ms(ms1)} | {b1[1] / ms1:.2f} | {_ms(ms32)} "
+            f"| {b32[1] / ms32:.2f} | {b32[0] / ms32:.2f} "
             f"| {weight_bytes:,} | {int8_sites} | {int8_ops} | {acc} | {cos:.5f} | {ptq_s} |"
         )
 
@@ -233,17 +247,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--modes", nargs="+", choices=list(MODES), default=None, help="default: every mode"
     )
+    parser.add_argument(
+        "--sync-dispatch",
+        action="store_true",
+        help="run CPU programs on the calling thread (jax_cpu_enable_async_dispatch=False): "
+        "for the sub-millisecond digits models the asynchronous hand-off to XLA's worker "
+        "thread (10-80 us, varying between processes) is larger than the programs",
+    )
     args = parser.parse_args(argv)
+    if args.sync_dispatch:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     target = args.target_device or ("NVGPU" if jax.default_backend() == "gpu" else "none")
     target_device = None if target == "none" else target
     print(
         f"jaxptq bench_core: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"load average {os.getloadavg()[0]:.1f}; python {sys.version.split()[0]}"
+        f"load average {os.getloadavg()[0]:.1f}; python {sys.version.split()[0]}; "
+        f"{'synchronous' if args.sync_dispatch else 'asynchronous'} CPU dispatch"
     )
     print(
-        "x fp32 = fp32 (jaxptq graph) time / this program's time, timed alternately; > 1 is faster."
-        f" FULL_QUANT target_device: {target_device}."
+        "x fp32 = fp32 (jaxptq graph) time / this program's time; x plain XLA = plain XLA's"
+        " batch-32 time / this program's; > 1 is faster. Every program of a model is timed in"
+        f" one shuffled loop. FULL_QUANT target_device: {target_device}."
     )
     for name in args.models:
         if name in digits.MODELS:
