@@ -1,67 +1,87 @@
-"""A program's small argument arrays travel in one buffer per dtype.
+"""Which of a program's arrays are arguments, and how few arguments they travel in.
 
-A quantized program takes every site's scales, zero-point terms and weight sums, and each
-fused requantize's parameters, as arguments (integer weights must never be folded into
-the HLO). Measured on the digits MLP (XLA:CPU, jax 0.10.2), a call with its 26 argument
-arrays ran in 70-75 us against 32 us with the same arrays as constants, about 1.5 us an
-argument; packed, the small ones cost one argument per dtype, and slicing them back out
-inside the program fuses into their readers.
+A quantized program reads every site's weight, scales, zero-point terms and weight sums,
+each fused requantize's parameters and the graph's float constants. Integer weights are
+arguments (they must never be folded into the HLO); every call pays for each argument
+array, so the rest are made as cheap as they can be:
+
+- small arrays that are not weights (scales, sums, biases, requantize parameters: at most
+  `SMALL_BYTES`) are constants of the program, like the literals of the user's own `jit`;
+- small weights travel in one buffer per dtype, sliced back out inside the program (the
+  slices fuse into their readers); large arrays are arguments of their own, so nothing
+  large is copied out of a buffer on every call;
+- the arguments are one flat list: a list and a dict of arrays cost JAX's dispatch a
+  pytree walk on every call.
+
+Measured on the digits MLP's FULL_QUANT program at batch 32 (XLA:CPU, jax 0.10.2,
+synchronous dispatch, against `jax.jit` of the float model in the same loop): its 26
+argument arrays had cost 70-75 us a call against 32 us as constants; packed per dtype
+into 5 (a list and a dict) it ran 1.08x faster than the float model; as here (the input
+and 3 weight arrays) 1.14-1.16x.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax import lax
 
-# Arrays up to this size are packed; larger ones (weights) stay arguments of their own, so
-# nothing large is sliced out of a buffer on every call.
+# Arrays up to this size are constants (or, for weights, packed); larger ones are arguments
+# of their own.
 SMALL_BYTES = 4096
 
 
 @dataclasses.dataclass(frozen=True)
 class _Slot:
-    dtype: str | None  # the buffer holding it; None for a large array passed as it is
-    start: int  # offset in that buffer, or index among the large arrays
-    shape: tuple[int, ...]
+    kind: str  # "const", "alone" (an argument of its own) or a packed buffer's dtype
+    index: int = 0  # the constant's or the argument's index; the offset in a buffer
+    shape: tuple[int, ...] = ()
 
 
 class ArgPack:
-    """A pytree of concrete arrays as `(large, buffers)`: the large arrays as they are and
-    the small ones concatenated per dtype; `unpack` rebuilds the tree inside a trace."""
+    """A pytree of concrete arrays split into a program's arguments (`args`, a flat tuple
+    of device arrays) and its constants; `unpack(*args)` rebuilds the tree inside a trace.
 
-    def __init__(self, tree: Any):
-        leaves, self.treedef = jax.tree_util.tree_flatten(tree)
-        large: list[Any] = []
+    `is_weight(path)` names the leaves that must stay arguments whatever their size."""
+
+    def __init__(self, tree: Any, is_weight: Callable[[tuple[Any, ...]], bool]):
+        leaves_with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+        alone: list[Any] = []
+        self._consts: list[np.ndarray] = []
         parts: dict[str, list[np.ndarray]] = {}
-        sizes: dict[str, int] = {}
         self._slots: list[_Slot] = []
-        for leaf in leaves:
+        for path, leaf in leaves_with_paths:
             a = np.asarray(leaf)
             if a.nbytes > SMALL_BYTES:
-                self._slots.append(_Slot(None, len(large), a.shape))
-                large.append(leaf)
-                continue
-            key = a.dtype.str
-            self._slots.append(_Slot(key, sizes.get(key, 0), a.shape))
-            parts.setdefault(key, []).append(a.ravel())
-            sizes[key] = sizes.get(key, 0) + a.size
+                self._slots.append(_Slot("alone", len(alone), a.shape))
+                alone.append(leaf)
+            elif not is_weight(path):
+                self._slots.append(_Slot("const", len(self._consts), a.shape))
+                self._consts.append(a)
+            else:
+                chunks = parts.setdefault(a.dtype.str, [])
+                self._slots.append(_Slot(a.dtype.str, sum(c.size for c in chunks), a.shape))
+                chunks.append(a.ravel())
+        # the buffers follow the arrays that travel alone
+        self._buffer_at = {key: len(alone) + i for i, key in enumerate(parts)}
+        buffers = [np.concatenate(chunks) for chunks in parts.values()]
         with jax.ensure_compile_time_eval():
-            self.args: tuple[list[Any], dict[str, Any]] = (
-                large,
-                jax.device_put({k: np.concatenate(v) for k, v in parts.items()}),
-            )
+            self.args: tuple[Any, ...] = tuple(jax.device_put([*alone, *buffers]))
 
-    def unpack(self, large: list[Any], buffers: dict[str, Any]) -> Any:
-        leaves = []
+    def unpack(self, *args: Any) -> Any:
+        leaves: list[Any] = []
         for slot in self._slots:
-            if slot.dtype is None:
-                leaves.append(large[slot.start])
-                continue
-            size = int(np.prod(slot.shape, dtype=np.int64))
-            flat = lax.slice(buffers[slot.dtype], (slot.start,), (slot.start + size,))
-            leaves.append(flat.reshape(slot.shape))
+            if slot.kind == "const":
+                leaves.append(self._consts[slot.index])
+            elif slot.kind == "alone":
+                leaves.append(args[slot.index])
+            else:
+                size = int(np.prod(slot.shape, dtype=np.int64))
+                buffer = args[self._buffer_at[slot.kind]]
+                flat = lax.slice(buffer, (slot.index,), (slot.index + size,))
+                leaves.append(flat.reshape(slot.shape))
         return jax.tree_util.tree_unflatten(self.treedef, leaves)

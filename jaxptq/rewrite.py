@@ -118,10 +118,12 @@ class QuantizedFunction:
         forward = {id(n): i for c in chains for n, i in zip(c.folded, c.running, strict=True)}
 
         const_arrays = [np.asarray(v.const) for v in consts]
-        pack = ArgPack((all_site_args, chain_arrays, const_arrays))
+        pack = ArgPack((all_site_args, chain_arrays, const_arrays), _is_integer_weight)
+        n_params = len(pack.args)
 
-        def run(large: list[Any], buffers: dict[str, Any], *flat_args: Any) -> Any:
-            site_args, fused_args, const_arrays = pack.unpack(large, buffers)
+        def run(*params_and_args: Any) -> Any:
+            site_args, fused_args, const_arrays = pack.unpack(*params_and_args[:n_params])
+            flat_args = params_and_args[n_params:]
             rules = {}
             for site, sp in matched:
                 apply = kernels.KERNELS[sp.act_mode][1]
@@ -179,6 +181,12 @@ class _Program:
 
     def lower(self, *flat: Any) -> jax.stages.Lowered:
         return self.jitted.lower(*self.params, *flat)
+
+
+def _is_integer_weight(path: tuple[Any, ...]) -> bool:
+    """A site's weight (`"q"` in every kernel's arrays, `jaxptq.kernels`): an argument of the
+    program, never a constant."""
+    return len(path) == 3 and getattr(path[-1], "key", None) == "q"
 
 
 def _on_device(tree: Any) -> Any:

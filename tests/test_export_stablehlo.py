@@ -21,6 +21,20 @@ def _int_ops(text: str) -> list[str]:
     return [line for line in lines if re.search(r"xu?i8>.*xi8>.*\) -> tensor<[0-9x]*xi32>", line)]
 
 
+def _i8_argument_elements(text: str) -> int:
+    """Elements of the main function's int8 arguments."""
+    signature = re.search(r"func\.func public @main\(([^{]*)\)", text)
+    assert signature is not None
+    shapes = re.findall(r"tensor<([0-9x]+)xi8>", signature.group(1))
+    return sum(int(np.prod([int(d) for d in shape.split("x")])) for shape in shapes)
+
+
+def _i8_tensor_literals(text: str) -> list[str]:
+    """8-bit constants that are not one repeated value (a weight would be a list or hex)."""
+    literals = re.findall(r"dense<([^>]*)> : tensor<[0-9x]+xu?i8>", text)
+    return [v for v in literals if v.startswith(("[", '"'))]
+
+
 @pytest.mark.parametrize("quant_type", ["FULL_QUANT", "DYNAMIC_QUANT"])
 def test_lenet_integer_program_reloads_bit_for_bit(lenet, calib, digits_data, tmp_path, quant_type):
     qfn = ptq(lenet, calib, {"quant_type": quant_type})
@@ -34,10 +48,11 @@ def test_lenet_integer_program_reloads_bit_for_bit(lenet, calib, digits_data, tm
     text = loaded.mlir_module()
     int_ops = len(_int_ops(text))
     assert int_ops == 5 if jax.default_backend() == "cpu" else int_ops >= 5, text[:2000]
-    # Weights are arguments stored beside the module, not constants inside it: every
-    # literal is a scalar or a splat (a weight would be a list or a hex blob).
-    literals = re.findall(r"dense<([^>]*)>", text)
-    assert literals and max(map(len, literals)) < 40, max(literals, key=len)[:200]
+    # Integer weights are arguments stored beside the module, never constants inside it
+    # (scales and weight sums are its literals: `jaxptq.arg_pack`).
+    weight_elements = sum(sp.weight_elements for sp in qfn.plan.quantized_sites)
+    assert _i8_argument_elements(text) == weight_elements
+    assert not _i8_tensor_literals(text)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.shlo"]
 
 
