@@ -26,11 +26,17 @@ def _dtype(a: Any) -> Any:
     return np.result_type(a) if dtype is None else dtype
 
 
-def _array_key(a: Any) -> tuple[Any, ...]:
-    """(shape, dtype) of an array or tracer; () for anything else (a pytree, a scalar),
-    a key never stored."""
+def _array_key(a: Any) -> Any:
+    """The abstract value of a JAX array or tracer, (shape, dtype) of another array; None
+    for anything else (a pytree, a scalar).
+
+    A JAX array's `aval` first: under asynchronous dispatch, reading its `.shape` and
+    `.dtype` measured 6-10 us a call on the digits MLP against 0-2 us for `.aval`."""
+    aval = getattr(a, "aval", None)
+    if aval is not None:
+        return aval
     shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
-    return () if shape is None or dtype is None else (shape, dtype)
+    return None if shape is None or dtype is None else (shape, dtype)
 
 
 class GraphCache:
@@ -66,7 +72,7 @@ class QuantizedFunction:
         self._graphs = graphs
         self._programs: dict[int, _Program] = {}
         self._by_shape: dict[tuple[Any, ...], _Program] = {}
-        self._one_array: dict[tuple[Any, ...], Callable[[Any], Any]] = {}
+        self._one_array: dict[Any, Callable[[Any], Any]] = {}
         self._site_args: dict[str, dict[str, Any]] | None = None
         functools.update_wrapper(self, fn, updated=())
 
@@ -156,8 +162,8 @@ class QuantizedFunction:
         program = self._by_shape.get(key)
         if program is None:
             program = self._by_shape[key] = self._program(self._graphs.get(args))
-            one_array = _array_key(args[0]) if len(args) == 1 else ()
-            if one_array:
+            one_array = _array_key(args[0]) if len(args) == 1 else None
+            if one_array is not None:
                 self._one_array[one_array] = functools.partial(program.jitted, *program.params)
         return program(*flat)
 

@@ -142,10 +142,21 @@ def test_jit_and_vmap(full_lenet: Any, digits_data: Any) -> None:
     x = digits_data[2][:16]
     y = np.asarray(full_lenet(x))
     np.testing.assert_array_equal(np.asarray(jax.jit(full_lenet)(x)), y)
-    # the one-array fast path: a device array, another shape, then the first shape again
-    np.testing.assert_array_equal(np.asarray(full_lenet(jax.numpy.asarray(x))), y)
-    np.testing.assert_allclose(np.asarray(full_lenet(x[:5])), y[:5], rtol=1e-5, atol=1e-5)
+    # the one-array fast path, keyed by a device array's abstract value and by a NumPy
+    # array's shape and dtype: device arrays of two shapes in turn, then NumPy again
+    device_x = jax.numpy.asarray(x)
+    for _ in range(2):
+        np.testing.assert_array_equal(np.asarray(full_lenet(device_x)), y)
+        five = np.asarray(full_lenet(device_x[:5]))
+        np.testing.assert_allclose(five, y[:5], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(full_lenet(x[:5])), five)
     np.testing.assert_array_equal(np.asarray(full_lenet(x)), y)
+    # a weakly typed input has an abstract value of its own, and the same program
+    weak = jax.numpy.broadcast_to(jax.numpy.asarray(0.5), x.shape)
+    assert weak.aval.weak_type
+    np.testing.assert_array_equal(
+        np.asarray(full_lenet(weak)), np.asarray(full_lenet(np.full(x.shape, 0.5, np.float32)))
+    )
     per_example = jax.vmap(lambda xi: full_lenet(xi[None])[0])(x)
     np.testing.assert_allclose(np.asarray(per_example), y, rtol=1e-5, atol=1e-5)
 
