@@ -37,9 +37,10 @@ SMALL_BYTES = 4096
 
 @dataclasses.dataclass(frozen=True)
 class _Slot:
-    kind: str  # "const", "alone" (an argument of its own) or a packed buffer's dtype
-    index: int = 0  # the constant's or the argument's index; the offset in a buffer
-    shape: tuple[int, ...] = ()
+    kind: str  # "const", "alone" (an argument of its own) or "packed" (in its dtype's buffer)
+    index: int  # the constant's or the argument's index; for "packed", the buffer offset
+    shape: tuple[int, ...]
+    buffer: str = ""  # for "packed": the buffer's dtype
 
 
 class ArgPack:
@@ -64,7 +65,8 @@ class ArgPack:
                 self._consts.append(a)
             else:
                 chunks = parts.setdefault(a.dtype.str, [])
-                self._slots.append(_Slot(a.dtype.str, sum(c.size for c in chunks), a.shape))
+                offset = sum(c.size for c in chunks)
+                self._slots.append(_Slot("packed", offset, a.shape, a.dtype.str))
                 chunks.append(a.ravel())
         # the buffers follow the arrays that travel alone
         self._buffer_at = {key: len(alone) + i for i, key in enumerate(parts)}
@@ -81,7 +83,7 @@ class ArgPack:
                 leaves.append(args[slot.index])
             else:
                 size = int(np.prod(slot.shape, dtype=np.int64))
-                buffer = args[self._buffer_at[slot.kind]]
+                buffer = args[self._buffer_at[slot.buffer]]
                 flat = lax.slice(buffer, (slot.index,), (slot.index + size,))
                 leaves.append(flat.reshape(slot.shape))
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
