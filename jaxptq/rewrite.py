@@ -162,9 +162,11 @@ class QuantizedFunction:
         program = self._by_shape.get(key)
         if program is None:
             program = self._by_shape[key] = self._program(self._graphs.get(args))
-            one_array = _array_key(args[0]) if len(args) == 1 else None
-            if one_array is not None:
-                self._one_array[one_array] = functools.partial(program.jitted, *program.params)
+        # Every kind of one-array key gets the fast path, not only the first seen: after a
+        # NumPy batch, device arrays of its shape (another key) took this path every call.
+        one_array = _array_key(args[0]) if len(args) == 1 else None
+        if one_array is not None:
+            self._one_array[one_array] = functools.partial(program.jitted, *program.params)
         return program(*flat)
 
     def lower(self, *args: Any) -> jax.stages.Lowered:

@@ -151,6 +151,11 @@ def test_jit_and_vmap(full_lenet: Any, digits_data: Any) -> None:
         np.testing.assert_allclose(five, y[:5], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(full_lenet(x[:5])), five)
     np.testing.assert_array_equal(np.asarray(full_lenet(x)), y)
+    # whichever kind of input comes first, each kind then takes the fast path
+    fresh = jaxptq.ptq(full_lenet.fn, [x], {"quant_type": "FULL_QUANT"})
+    fresh(x)
+    fresh(device_x)
+    assert set(fresh._one_array) == {(x.shape, x.dtype), device_x.aval}
     # a weakly typed input has an abstract value of its own, and the same program
     weak = jax.numpy.broadcast_to(jax.numpy.asarray(0.5), x.shape)
     assert weak.aval.weak_type
