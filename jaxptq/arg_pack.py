@@ -7,9 +7,9 @@ array, so the rest are made as cheap as they can be:
 
 - small arrays that are not weights (scales, sums, biases, requantize parameters: at most
   `SMALL_BYTES`) are constants of the program, like the literals of the user's own `jit`;
-- small weights travel in one buffer per dtype, sliced back out inside the program (the
-  slices fuse into their readers); large arrays are arguments of their own, so nothing
-  large is copied out of a buffer on every call;
+- small weights travel in one buffer per dtype, sliced back out inside the program (a
+  dot reads its slice as a copy of at most `SMALL_BYTES`); large arrays are arguments of
+  their own, so nothing large is copied out of a buffer on every call;
 - the arguments are one flat list: a list and a dict of arrays cost JAX's dispatch a
   pytree walk on every call.
 

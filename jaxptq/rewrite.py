@@ -192,9 +192,13 @@ class _Program:
 
 
 def _is_integer_weight(path: tuple[Any, ...]) -> bool:
-    """A site's weight (`"q"` in every kernel's arrays, `jaxptq.kernels`): an argument of the
-    program, never a constant."""
-    return len(path) == 3 and getattr(path[-1], "key", None) == "q"
+    """A site's weight: `"q"` in a site's kernel arrays (`jaxptq.kernels`), the first part
+    of the tree `_program` packs. An argument of the program, never a constant."""
+    return (
+        len(path) == 3
+        and getattr(path[0], "idx", None) == 0  # the site arrays, (site name, array name)
+        and getattr(path[2], "key", None) == "q"
+    )
 
 
 def _on_device(tree: Any) -> Any:

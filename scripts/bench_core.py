@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="run CPU programs on the calling thread (jax_cpu_enable_async_dispatch=False): "
         "for the sub-millisecond digits models the asynchronous hand-off to XLA's worker "
-        "thread (10-80 us, varying between processes) is larger than the programs",
+        "thread (tens to ~110 us a call on the 2-core VM) is larger than the programs",
     )
     args = parser.parse_args(argv)
     if args.sync_dispatch:
