@@ -172,3 +172,15 @@ def mse_symmetric_scales(
     best = len(r) - 1 - np.argmin(err[:, ::-1], axis=1)  # reversed: ties keep the widest
     chosen = (r[best] / levels[:, None]).reshape(len(bits), *absmax.shape)
     return np.maximum(absmax[None] * chosen, _TINY).astype(np.float32)
+
+
+def bias_int32(bias: Array, acc_scale: Array) -> np.ndarray:
+    """A float bias as int32 at the accumulator's scale `s_x * s_w` (float32, as
+    onnxruntime's QLinearConv takes it): `round(bias / acc_scale)`, half to even, saturated.
+
+    The JAX program and the exported models both use it, so an integer runtime adds the
+    same integers the JAX program does."""
+    scale = np.asarray(acc_scale, np.float32).astype(np.float64)
+    q = np.round(np.asarray(bias, np.float32).astype(np.float64) / scale)
+    info = np.iinfo(np.int32)
+    return np.clip(q, info.min, info.max).astype(np.int32)

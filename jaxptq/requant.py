@@ -3,20 +3,26 @@
 Between two `FULL_QUANT` sites the float program computes `y = acc * out_scale (+ bias
 correction)`, then the model's own bias `Add` and activation (`max(y, 0)`, a clip to 6),
 and the next site rounds `y / s + zp` to int8. Every step is affine or a bound, so the
-chain folds into one requantize of the accumulator:
+chain folds into one requantize of the accumulator, done as onnxruntime's `QLinearConv`
+does it (MLAS's requantize output stage), so that an exported model's integer kernels
+compute the same codes as this program:
 
-    code = floor(clamp(acc * M + B, lo, hi)),  M = out_scale / s,
-                                              B = bias / s + zp + 128.5
+    code = round_half_even(clamp((acc + bias_q) * M, lo, hi)) + zp + 128
 
-`code` is `q + 128` as uint8 (`jaxptq.u8s8.dot_codes` reads it as it is), and the clamp
-bounds hold `[0, 255]` and the activation's bounds mapped the same way. Truncating a
-non-negative float is its floor, so the rounding (half up, at exact ties only different
-from `round`'s half to even) costs no operation of its own: the requantize is five per
-value (convert, multiply, add, clamp, convert). That count matters on XLA:CPU, whose cost
-model splits a loop fusion over threads once it does more arithmetic than it moves bytes
-(`DefaultCostModel` in XLA's `parallel_task_assignment.cc`); a 32x128 requantize of 13
-operations was split in two, and waking the second core cost more than the whole layer
-(the MLP of `scripts/bench_core.py`, docs/benchmarks.md).
+with `bias_q = round(bias / (s_x s_w))` (int32, `qmath.bias_int32`, what the export
+writes) and `M = float32(s_x s_w) / s_y` in float32. `code` is `q + 128` as uint8
+(`jaxptq.u8s8.dot_codes` reads it as it is). Rounding the bias to the accumulator's grid
+moves a value by at most `M / 2` of a code; it made onnxruntime's outputs on an exported
+EfficientNet-Lite0 agree with this program to cosine 0.99993 instead of 0.99927.
+
+The count of operations a value matters on XLA:CPU, whose cost model splits a loop fusion
+over threads once it does more arithmetic than it moves bytes (`DefaultCostModel` in
+XLA's `parallel_task_assignment.cc`); for the MLP of `scripts/bench_core.py` waking the
+second core cost more than the whole layer (docs/benchmarks.md). So terms that change
+nothing are left out: the uint8 conversion saturates (XLA converts out-of-range floats
+to 0 or 255; `tests/test_requant.py` checks it), which is already the clamp of a ReLU
+output whose zero point is the lowest code, and a zero point of 0 or a zero bias adds
+nothing. A ReLU chain is then five operations (convert, add, multiply, round, convert).
 
 A chain is folded only when nothing else reads its values: each intermediate value has one
 reader and is no output, and every reader of the last one is an int8 site quantizing it
@@ -33,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxptq import qmath
 from jaxptq.graph import Graph, Node, Site, Value
 from jaxptq.layout import site_layout
 from jaxptq.plan import SitePlan
@@ -192,23 +199,36 @@ def _consumers(
 
 
 def chain_args(chain: Chain, producer_args: Args, consumer: SitePlan) -> Args:
-    """The requantize's arrays (`M`, `B`, the bounds) from the producer's kernel arrays
-    (`kernels.static_args`) and the consumers' activation quantization."""
+    """The requantize's arrays from the producer's kernel arrays (`kernels.static_args`)
+    and the consumers' activation quantization, as onnxruntime's QLinearConv takes them
+    (module doc). Terms that change nothing are left out: a zero bias, a zero point of 0,
+    bounds the uint8 conversion's own saturation already applies."""
     assert consumer.act_scale is not None and consumer.act_zero_point is not None
-    scale = np.float64(consumer.act_scale)
-    offset = consumer.act_zero_point + 128.5
-    bias = chain.affine.bias + np.asarray(producer_args.get("bias", 0.0), np.float64)
-    out_scale = np.asarray(producer_args["out_scale"], np.float64)
-    return {
-        "scale": (out_scale / scale).astype(np.float32),
-        "offset": np.asarray(bias / scale + offset, np.float32),
-        "lo": np.float32(max(0.0, chain.affine.lower / scale + offset)),
-        "hi": np.float32(min(255.0, chain.affine.upper / scale + offset)),
-    }
+    s_y = np.float32(consumer.act_scale)
+    zp = consumer.act_zero_point + 128
+    acc_scale = np.asarray(producer_args["out_scale"], np.float32)
+    bias = np.asarray(chain.affine.bias, np.float32) + np.asarray(
+        producer_args.get("bias", 0.0), np.float32
+    )
+    args: Args = {"scale": (acc_scale / s_y).astype(np.float32)}
+    if np.any(bias != 0):
+        args["bias"] = qmath.bias_int32(bias, acc_scale).astype(np.float32)
+    lo = float(np.float32(chain.affine.lower) / s_y)
+    hi = float(np.float32(chain.affine.upper) / s_y)
+    if lo > -zp or hi < 255 - zp:
+        args["lo"], args["hi"] = np.float32(max(lo, -zp)), np.float32(min(hi, 255 - zp))
+    if zp:
+        args["zp"] = np.float32(zp)
+    return args
 
 
 def requantize(y: Any, args: Args) -> Any:
     """uint8 codes `q + 128` of the consumers' input, from the producer's float32
     `sum (x_q - zp) w_q` (module doc)."""
-    t = lax.clamp(args["lo"], y * args["scale"] + args["offset"], args["hi"])
-    return t.astype(jnp.uint8)
+    t = (y + args["bias"] if "bias" in args else y) * args["scale"]
+    if "lo" in args:
+        t = lax.clamp(args["lo"], t, args["hi"])
+    t = jnp.round(t)  # half to even
+    if "zp" in args:
+        t = t + args["zp"]
+    return t.astype(jnp.uint8)  # saturating: XLA converts out-of-range floats to 0 or 255

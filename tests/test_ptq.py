@@ -285,7 +285,7 @@ def _check_zero_point_forms(qfn: Any, x: np.ndarray) -> list[bool]:
             args = kernels.static_args(plan, site)
             zp = plan.act_zero_point
             assert zp != 0
-            x_q = kernels._quantize_act(inputs[site.name], args["inv_scale"], zp)
+            x_q = kernels._quantize_act(inputs[site.name], args["act_scale"], zp)
             gpu_form = kernels.conv_zero_point_covered(site, x_q, args, zp)
             cpu_form = kernels.conv_zero_point_padded(site, x_q, args, zp)
             np.testing.assert_array_equal(np.asarray(gpu_form), np.asarray(cpu_form))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -17,6 +18,14 @@ from jaxptq.probe import site_inputs
 from tests.digits_fixtures import iter_eqns
 
 FULL = {"quant_type": "FULL_QUANT", "bias_correction": False}
+
+
+@dataclasses.dataclass
+class SitePlanStub:
+    """The two fields of a consumer's `SitePlan` a requantize reads."""
+
+    act_scale: np.float32
+    act_zero_point: int
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +74,22 @@ def test_chains_fold_bias_and_relu_between_dense_sites(
     assert [c.producer.name for c in _chains(lenet_q, x)] == ["fc1", "fc2"]
 
 
-def test_fused_codes_match_rounding_except_at_ties(full_mlp: Any, digits_data: Any) -> None:
-    """The requantize's codes equal what the unfused program quantizes (float64 bias, ReLU,
-    `round` to the next site's int8, + 128), except where that value sits within float32
-    rounding of a half-integer: there the fused form rounds half up."""
+def _qlinear_reference(acc: np.ndarray, bias: np.ndarray, out_scale: np.ndarray, nxt: Any) -> Any:
+    """onnxruntime's QLinearConv output stage in NumPy: the bias in int32 at scale
+    `s_x * s_w`, `float32(acc + bias) * float32(s_x * s_w / s_y)`, clamped to the uint8
+    range, rounded half to even, plus the zero point."""
+    bias_q = np.round(bias.astype(np.float64) / out_scale.astype(np.float64)).astype(np.int64)
+    total = (acc.astype(np.int64) + bias_q).astype(np.float32)
+    zp = np.float32(nxt.act_zero_point + 128)
+    t = total * (out_scale / np.float32(nxt.act_scale)).astype(np.float32)
+    t = np.clip(t, np.maximum(-zp, 0.0), 255 - zp)  # the chain's ReLU bounds it below at 0
+    return np.round(t) + zp
+
+
+def test_fused_codes_are_onnxruntime_qlinear_codes(full_mlp: Any, digits_data: Any) -> None:
+    """The requantize computes what onnxruntime's fused integer kernels do (so an exported
+    model agrees with the JAX program), bit for bit; against the exact real value it can
+    differ only where that sits within the rounded bias's error of a half-integer."""
     x = jnp.asarray(digits_data[2])
     graph = full_mlp._graphs.get((x,))
     plans = {sp.name: sp for sp in full_mlp.plan.sites}
@@ -79,11 +100,16 @@ def test_fused_codes_match_rounding_except_at_ties(full_mlp: Any, digits_data: A
         args = kernels.static_args(plans[name], chain.producer)
         y = kernels._static_sum(plans[name], chain.producer, inputs[name], args, False)
         codes = np.asarray(requant.requantize(y, requant.chain_args(chain, args, nxt)))
-        real = np.asarray(y, np.float64) * args["out_scale"] + args.get("bias", 0.0)
+        acc = np.asarray(y).astype(np.int64)
+        assert np.array_equal(acc, np.asarray(y))  # exact integers
+        bias = (chain.affine.bias + args["bias"]).astype(np.float32)
+        assert np.array_equal(codes, _qlinear_reference(acc, bias, args["out_scale"], nxt))
+        real = np.asarray(y, np.float64) * args["out_scale"] + args["bias"]
         real = np.maximum(real + chain.affine.bias, 0.0) / nxt.act_scale
         want = np.clip(np.round(real) + nxt.act_zero_point, -128, 127) + 128
-        tie = np.abs(real - np.floor(real) - 0.5) < 1e-4
-        assert np.all((codes == want) | tie)
+        bias_error = 0.5 * np.max(args["out_scale"]) / nxt.act_scale + 1e-4
+        near_tie = np.abs(real - np.floor(real) - 0.5) < bias_error
+        assert np.all((codes == want) | near_tie)
         assert codes.dtype == np.uint8 and np.mean(codes != want) < 1e-3
         checked += codes.size
     assert checked == 2 * 359 * 128
@@ -95,9 +121,11 @@ def test_fused_program_agrees_with_site_by_site(full_mlp: Any, digits_data: Any)
     cos = np.sum(fused * unfused) / (np.linalg.norm(fused) * np.linalg.norm(unfused))
     assert cos > 0.99999
     assert np.array_equal(fused.argmax(-1), unfused.argmax(-1))
-    # between the sites, one clamp each and no float ReLU: the only `max` is the input's clip
+    # between the sites one rounding each, no clamp (a ReLU's bound at zero point 0 is the
+    # uint8 conversion's own saturation) and no float ReLU: the one `max` is the input's clip
     eqns = [e.primitive.name for e in iter_eqns(jax.make_jaxpr(full_mlp)(x[:4]).jaxpr)]
-    assert (eqns.count("max"), eqns.count("clamp"), eqns.count("u8s8_dot")) == (1, 2, 3)
+    counts = [eqns.count(p) for p in ("max", "clamp", "round", "u8s8_dot")]
+    assert counts == [1, 0, 3, 3]  # rounds: the input's quantize and two requantizes
 
 
 def _two_layer(w1: Any, b1: Any, w2: Any, w3: Any, x: Any, keep_hidden: bool) -> Any:
@@ -122,3 +150,29 @@ def test_a_value_read_by_two_sites_is_fused_for_both_and_an_output_is_not() -> N
     assert np.allclose(y, _unfused(q, x), atol=0.05 * np.abs(ref).max())
     kept = functools.partial(_two_layer, w1, b1, w2, w3, keep_hidden=True)
     assert _chains(jaxptq.ptq(kept, calib, FULL), x) == []
+
+
+@pytest.mark.parametrize("zero_point", [-128, -91, 0])
+@pytest.mark.parametrize("upper", [np.inf, 6.0])
+def test_requantize_saturates_like_onnxruntime(zero_point: int, upper: float) -> None:
+    """Far out of range, at exact ties and around them, the codes are MLAS's: clamp to the
+    uint8 range (and a ReLU6's bound), round half to even, add the zero point. The program
+    leaves the clamp to the uint8 conversion's saturation where that is the same."""
+    rng = np.random.default_rng(zero_point + 128)
+    acc = np.concatenate(
+        [rng.integers(-(2**22), 2**22, 4000), np.arange(-600, 600), [2**23, -(2**23)]]
+    ).astype(np.int64)
+    bias = np.float32(0.0173) * rng.integers(-100, 100, 8).astype(np.float32)
+    out_scale = np.full(8, np.float32(2.0**-4), np.float32)  # ties at exact halves
+    acc = acc[: len(acc) // 8 * 8].reshape(-1, 8)
+    nxt = SitePlanStub(act_scale=np.float32(0.05), act_zero_point=zero_point)
+    chain = requant.Chain(None, (), (), (), requant._Affine(0.0, 0.0, upper))  # type: ignore[arg-type]
+    args = requant.chain_args(chain, {"out_scale": out_scale, "bias": bias}, nxt)  # type: ignore[arg-type]
+    codes = np.asarray(jax.jit(requant.requantize)(acc.astype(np.float32), args))
+    want = _qlinear_reference(acc, bias, out_scale, nxt)
+    if upper < np.inf:
+        want = np.minimum(want, np.round(np.float32(upper) / nxt.act_scale) + zero_point + 128)
+    assert np.array_equal(codes, want)
+    top = 255 if upper == np.inf else np.round(np.float32(upper) / nxt.act_scale) + zero_point + 128
+    assert (codes.min(), codes.max()) == (zero_point + 128, top)  # both bounds reached
+    assert ("lo" in args) == (zero_point != -128 or upper < np.inf)

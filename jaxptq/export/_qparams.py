@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 from onnx import TensorProto
 
+from jaxptq import qmath
 from jaxptq.plan import SitePlan
 from jaxptq.targets import TargetProfile
 
@@ -20,7 +21,6 @@ ONNX_TYPE: dict[np.dtype, int] = {
     np.dtype(ml_dtypes.int4): TensorProto.INT4,
     np.dtype(np.float32): TensorProto.FLOAT,
 }
-_INT32 = np.iinfo(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ def channel_vector(arr: np.ndarray, channels: int, what: str) -> np.ndarray:
 
 
 def bias_int32(bias: np.ndarray, act_scale: np.float32, w_scale: np.ndarray) -> tuple:
-    """int32 bias with scale act_scale * w_scale and zero point 0, as QLinearConv wants."""
+    """int32 bias with scale act_scale * w_scale and zero point 0, as QLinearConv wants
+    (`qmath.bias_int32`, the integers the JAX program adds)."""
     scale = (np.float32(act_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)
-    q = np.round(np.asarray(bias, np.float64) / scale.astype(np.float64))
-    return np.clip(q, _INT32.min, _INT32.max).astype(np.int32), scale
+    return qmath.bias_int32(bias, scale), scale
