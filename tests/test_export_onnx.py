@@ -338,9 +338,11 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
         path = export_onnx(qfn, tmp_path / f"effnet_{form}.onnx", target=target, form=form)
         assert os.path.getsize(path) <= 0.27 * os.path.getsize(src)
         got = np.concatenate([ort_run(path, xe[i : i + 1]) for i in range(len(xe))])
-        # Runtimes disagree by float ulps that the network amplifies (docs/export.md):
-        # measured cosine >= 0.999 and 19-20 of 20 top-1 agreements.
-        check_agreement(want, got, cos_min=0.998, top1=0.85)
+        # The JAX program requantizes as QLinearConv does, so the QOperator model's
+        # integer kernels agree closely (measured mean cosine 0.99995, min 0.9996); in QDQ
+        # onnxruntime computes the 15 convolutions that feed residual Adds in float, and
+        # the network amplifies their ulps (docs/export.md): min 0.9992-0.9996.
+        check_agreement(want, got, cos_min=0.9995 if form == "qoperator" else 0.999, top1=0.95)
         y = np.array([labels[f] for f in eval_files[:20]])
         assert np.mean(got.argmax(1) == y) >= 0.75
     qfn4 = ptq(fn, [xc[:1]], {"quant_type": "WEIGHT_QUANT", "bit_num": 4})

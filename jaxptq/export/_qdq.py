@@ -188,10 +188,11 @@ def qdq_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
     q, w_scale, axis, channels = onnx_weight(ref, alpha)
     x = node.input[ref.act_input]
     int32_scale = None
+    requantized = plan.act_mode == "static" and next_quant(ctx, node.output[0]) is not None
     if plan.act_mode == "static":
         aq = act_quant(plan, ctx.target)
         node.input[ref.act_input] = b.qdq(x, aq, pre, plan.name)
-        if ctx.target.bias_int32 and node.op_type in ("Conv", "Gemm"):
+        if (ctx.target.bias_int32 or requantized) and node.op_type in ("Conv", "Gemm"):
             int32_scale = (np.float32(aq.scale) * np.broadcast_to(w_scale, (channels,))).astype(
                 np.float32
             )
