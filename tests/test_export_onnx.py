@@ -328,7 +328,7 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
         {"quant_type": "FULL_QUANT", "target_device": "CPU"},
     )
     want = np.concatenate([np.asarray(qfn(xe[i : i + 1])) for i in range(len(xe))])
-    # CPU, DSP and ASCEND share the plan (asymmetric activations); NVGPU is LeNet's test.
+    # CPU, DSP and ASCEND share the plan (asymmetric activations); NVGPU's is below.
     for target, form in [
         ("CPU", "qdq"),
         ("CPU", "qoperator"),
@@ -345,6 +345,29 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
         check_agreement(want, got, cos_min=0.9995 if form == "qoperator" else 0.999, top1=0.95)
         y = np.array([labels[f] for f in eval_files[:20]])
         assert np.mean(got.argmax(1) == y) >= 0.75
+    # NVGPU: symmetric int8 activations, so a ReLU6's lower bound is not the range's edge;
+    # QLinearConv's codes are clipped by an integer Max, as the JAX requantize clamps them.
+    qfn_nv = ptq(
+        fn,
+        [xc[i : i + 1] for i in range(len(xc))],
+        {"quant_type": "FULL_QUANT", "target_device": "NVGPU"},
+    )
+    path = export_onnx(qfn_nv, tmp_path / "effnet_nvgpu.onnx", form="qoperator")
+    graph = onnx.load(str(src)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    readers = Counter(x for n in graph.node for x in n.input)
+    conv_readers = Counter(x for n in graph.node if n.op_type == "Conv" for x in n.input)
+    relu6_between_convs = sum(
+        1
+        for n in graph.node
+        if n.op_type == "Clip"
+        and producer.get(n.input[0]) == "Conv"
+        and readers[n.output[0]] == conv_readers[n.output[0]] > 0
+    )
+    assert ops(path)["Max"] == relu6_between_convs == 32
+    got = np.concatenate([ort_run(path, xe[i : i + 1]) for i in range(len(xe))])
+    want = np.concatenate([np.asarray(qfn_nv(xe[i : i + 1])) for i in range(len(xe))])
+    check_agreement(want, got, cos_min=0.999, top1=0.95)  # measured: min 0.99927, 20 of 20
     qfn4 = ptq(fn, [xc[:1]], {"quant_type": "WEIGHT_QUANT", "bit_num": 4})
     path4 = export_onnx(qfn4, tmp_path / "effnet_w4.onnx")
     assert os.path.getsize(path4) <= 0.16 * os.path.getsize(src)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -125,15 +126,26 @@ def clip_reader(ctx: Ctx, tensor: str) -> str | None:
     return readers[0].output[0]
 
 
-def output_quant(ctx: Ctx, tensor: str) -> tuple[ActQuant, str | None] | None:
-    """How `tensor` is quantized next: directly by the sites that read it, or through one
-    Relu/Clip whose bounds the int8 range already enforces (so Q(clip(y)) == Q(y)).
+class NextQuant(NamedTuple):
+    """How a site's output is quantized next (`output_quant`)."""
 
-    Returns the parameters and the clipped tensor's name (None when read directly).
+    aq: ActQuant
+    clipped: str | None  # the Relu/Clip output the quantization reads, None when direct
+    code_bounds: tuple[int, int] | None  # the clip in codes, where the range does not do it
+
+
+def output_quant(ctx: Ctx, tensor: str) -> NextQuant | None:
+    """How `tensor` is quantized next: directly by the sites that read it, or through one
+    Relu/Clip.
+
+    When the int8 range already enforces the clip's bounds (Q(clip(y)) == Q(y)),
+    `code_bounds` is None; otherwise it holds the bounds in codes, `round(bound / s) + zp`
+    saturated, since Q(clip(y)) == clip(Q(y), those codes) (rounding is monotone): the
+    JAX program's fused requantize applies exactly that clamp (`jaxptq.requant`).
     """
     aq = _readers_quant(ctx, tensor)
     if aq is not None:
-        return aq, None
+        return NextQuant(aq, None, None)
     readers = ctx.consumers.get(tensor, [])
     if len(readers) != 1 or tensor in ctx.outputs:
         return None
@@ -145,17 +157,23 @@ def output_quant(ctx: Ctx, tensor: str) -> tuple[ActQuant, str | None] | None:
     if aq is None:
         return None
     info = np.iinfo(aq.dtype)
-    s, z = float(aq.scale), int(aq.zero_point)
-    lo_f, hi_f = (info.min - z) * s, (info.max - z) * s
-    if bounds[0] <= lo_f + 0.49 * s and bounds[1] >= hi_f - 0.49 * s:
-        return aq, clipped
-    return None
+    s, z = np.float32(aq.scale), int(aq.zero_point)
+
+    def code(bound: float, edge: int) -> int:
+        if not math.isfinite(bound):
+            return edge
+        return int(np.clip(np.round(np.float32(bound) / s) + z, info.min, info.max))
+
+    lo, hi = code(bounds[0], int(info.min)), code(bounds[1], int(info.max))
+    if (lo, hi) == (info.min, info.max):
+        return NextQuant(aq, clipped, None)
+    return NextQuant(aq, clipped, (lo, hi))
 
 
-def next_quant(ctx: Ctx, tensor: str) -> tuple[ActQuant, str | None] | None:
+def next_quant(ctx: Ctx, tensor: str) -> NextQuant | None:
     found = output_quant(ctx, tensor)
     if found is None and tensor in ctx.extra:
-        return ctx.extra[tensor], None
+        return NextQuant(ctx.extra[tensor], None, None)
     return found
 
 

@@ -59,7 +59,7 @@ def qop_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
         op == "Conv" or (op == "MatMul" and ref.weight_input == 1 and plan.bias_correction is None)
     )
     if fused and found is not None:
-        yq_aq, clipped = found
+        yq_aq, clipped, code_bounds = found
         ws = b.const(f"{plan.name}_W_scale", w_scale)
         wz = b.const(f"{plan.name}_W_zero_point", np.zeros(np.shape(w_scale), q.dtype))
         ys = b.const(f"{plan.name}_y_scale", np.float32(yq_aq.scale))
@@ -96,10 +96,27 @@ def qop_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
         )
         ctx.quantized[y] = (yq, ys, yz, yq_aq)
         if clipped is not None:
-            ctx.quantized[clipped] = (yq, ys, yz, yq_aq)
+            clipped_q = _clip_codes(ctx, yq, yq_aq, code_bounds, plan.name, post)
+            ctx.quantized[clipped] = (clipped_q, ys, yz, yq_aq)
         return None
     _integer_then_rescale(ctx, node, ref, xq, xz, wq, scale_in, alpha, channels, post)
     return None
+
+
+def _clip_codes(
+    ctx: Ctx, yq: str, aq: ActQuant, code_bounds: tuple[int, int] | None, name: str, post: list
+) -> str:
+    """The Relu/Clip after a QLinearConv as Max/Min on its codes, where the output range
+    does not already clip (`_context.output_quant`)."""
+    if code_bounds is None:
+        return yq
+    info = np.iinfo(aq.dtype)
+    for op, bound, edge in (("Max", code_bounds[0], info.min), ("Min", code_bounds[1], info.max)):
+        if bound != edge:
+            const = ctx.b.const(f"{name}_y_{op.lower()}", np.array(bound, aq.dtype))
+            node, (yq,) = ctx.b.node(op, [yq, const], f"{name}_y_{op.lower()}")
+            post.append(node)
+    return yq
 
 
 def _integer_then_rescale(
