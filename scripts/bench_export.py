@@ -2,7 +2,7 @@
 int8 models against onnxruntime's own `quantize_static`, and the StableHLO artifact through
 XLA against the float program.
 
-Usage: python scripts/bench_export.py [--eval 900] [--calib 100] [--repeats 20]
+Usage: python scripts/bench_export.py [--eval 900] [--calib 100] [--repeats 20] [--target CPU]
 
 Prints a Markdown table for docs/benchmarks.md. The model's batch axis is made symbolic first
 (input/output dims and the Reshape before the classifier), so batch 32 runs too.
@@ -98,6 +98,12 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=900)
     ap.add_argument("--calib", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--target",
+        default="CPU",
+        choices=["CPU", "NVGPU", "DSP", "ASCEND"],
+        help="FULL_QUANT's target_device, which the exports follow (default CPU)",
+    )
     args = ap.parse_args()
 
     calib_files, eval_files, labels = datasets.imagenet_split(DATA / "imagenet")
@@ -126,7 +132,7 @@ def main() -> None:
     qfn = jaxptq.ptq(
         fn,
         [xc[i : i + 1] for i in range(len(xc))],
-        {"quant_type": "FULL_QUANT", "target_device": "CPU"},
+        {"quant_type": "FULL_QUANT", "target_device": args.target},
     )
     t_ptq = time.perf_counter() - t
     fuse = [xc[i : i + 1] for i in range(len(xc))]
@@ -193,7 +199,8 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"onnxruntime {ort.__version__}, jax {jax.__version__}; {len(xc)} calibration and "
-        f"{len(xe)} evaluation photos; quantize_static {t_ort:.0f} s, jaxptq ptq {t_ptq:.0f} s"
+        f"{len(xe)} evaluation photos; target {args.target}; quantize_static {t_ort:.0f} s, "
+        f"jaxptq ptq {t_ptq:.0f} s"
     )
     print(
         f"file sizes: float {sizes['float']:,} B; onnxruntime QDQ {sizes['ort']:,} B "
