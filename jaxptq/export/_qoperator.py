@@ -160,21 +160,18 @@ def _integer_then_rescale(
             bias = raw * np.float32(get_attr(node, "beta", 1.0)) if op == "Gemm" else raw
             if op == "Conv":
                 bias = bias.reshape((1, -1) + (1,) * (len(ref.site.node.params["padding"])))
+    # Added in the JAX program's order: the bias correction right after the rescale (XLA
+    # fuses the two into one multiply-add), then the model's bias. One Add of their sum
+    # rounded differently and cost EfficientNet-Lite0 0.00005 of cosine to the JAX program.
+    terms = {"bias": bias}
     if plan.bias_correction is not None:
-        bc = onnx_channels(ref, plan.bias_correction)
-        bias = bc if bias is None else bias + bc
-    y = node.output[0]
-    mul, (scaled,) = b.node("Mul", [acc, s], f"{name}_rescale")
-    if bias is None:
-        mul.output[0] = y
-        post.append(mul)
-        return
+        terms = {"bias_correction": onnx_channels(ref, plan.bias_correction), **terms}
+    mul, (out,) = b.node("Mul", [acc, s], f"{name}_rescale")
     post.append(mul)
-    post.append(
-        helper.make_node(
-            "Add",
-            [scaled, b.const(f"{name}_bias", bias.astype(np.float32))],
-            [y],
-            name=b.fresh(f"{name}_bias_add"),
-        )
-    )
+    for what, value in terms.items():
+        if value is None:
+            continue
+        const = b.const(f"{name}_{what}", np.asarray(value, np.float32))
+        add, (out,) = b.node("Add", [out, const], f"{name}_{what}_add")
+        post.append(add)
+    post[-1].output[0] = node.output[0]
