@@ -343,6 +343,9 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
         # onnxruntime computes the 15 convolutions that feed residual Adds in float, and
         # the network amplifies their ulps (docs/export.md): min 0.9992-0.9996.
         check_agreement(want, got, cos_min=0.9995 if form == "qoperator" else 0.999, top1=0.95)
+        if form == "qoperator":  # measured mean 0.99996 (issue 5's bar: 0.9999)
+            cos = (want * got).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
+            assert cos.mean() >= 0.9999
         if (target, form) == ("CPU", "qdq"):
             # int32 biases exactly where onnxruntime fuses DQ -> Conv -> Q (34 of 49 convs)
             model = onnx.load(str(path))
