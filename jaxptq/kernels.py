@@ -119,7 +119,7 @@ def static_args(plan: SitePlan, site: Site) -> Args:
     args: Args = {
         "q": plan.weight_q.astype(np.int8),
         "act_scale": np.float32(plan.act_scale),
-        "out_scale": np.float32(plan.act_scale) * w_scale.astype(np.float32),
+        "out_scale": qmath.accumulator_scale(plan.act_scale, w_scale),
         **_u8_args(sums, site),
     }
     if plan.act_zero_point != 0 and _dense_weight(site, plan.weight_q, site.node.params) is None:

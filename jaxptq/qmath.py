@@ -174,6 +174,13 @@ def mse_symmetric_scales(
     return np.maximum(absmax[None] * chosen, _TINY).astype(np.float32)
 
 
+def accumulator_scale(act_scale: Array, w_scale: Array) -> np.ndarray:
+    """`s_x * s_w` in float32, the scale of an integer site's int32 accumulator: computed
+    once here for the JAX program's rescale and requantize and for the exported int32 biases,
+    so both round the same products."""
+    return np.float32(act_scale) * np.asarray(w_scale, np.float32)
+
+
 def bias_int32(bias: Array, acc_scale: Array) -> np.ndarray:
     """A float bias as int32 at the accumulator's scale `s_x * s_w` (float32, as
     onnxruntime's QLinearConv takes it): `round(bias / acc_scale)`, half to even, saturated.

@@ -7,8 +7,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from jaxptq import qmath
 from jaxptq.export._context import Ctx, SiteRef, get_attr, next_quant, pop_alpha, set_attr
-from jaxptq.export._qparams import ActQuant, act_quant, bias_int32, channel_vector, weight_quant
+from jaxptq.export._qparams import ActQuant, act_quant, channel_vector, weight_quant
 from jaxptq.layout import site_layout, to_output
 
 _TINY = np.float32(1e-30)
@@ -113,8 +114,10 @@ def _fold_bias(
         return
     inputs = list(node.input) + [""] * (3 - len(node.input))
     if int32_scale is not None:
-        q, scale = bias_int32(total, np.float32(1.0), int32_scale)
-        inputs[2] = ctx.b.dequantize_const(f"{node.name}_B", q, scale, 0, pre, zero_point=False)
+        q = qmath.bias_int32(total, int32_scale)
+        inputs[2] = ctx.b.dequantize_const(
+            f"{node.name}_B", q, int32_scale, 0, pre, zero_point=False
+        )
     else:
         inputs[2] = ctx.b.const(f"{node.name}_B", total.astype(np.float32))
     del node.input[:]
@@ -193,9 +196,7 @@ def qdq_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
         aq = act_quant(plan, ctx.target)
         node.input[ref.act_input] = b.qdq(x, aq, pre, plan.name)
         if (ctx.target.bias_int32 or requantized) and node.op_type in ("Conv", "Gemm"):
-            int32_scale = (np.float32(aq.scale) * np.broadcast_to(w_scale, (channels,))).astype(
-                np.float32
-            )
+            int32_scale = qmath.accumulator_scale(aq.scale, np.broadcast_to(w_scale, (channels,)))
     elif plan.act_mode is not None:
         node.input[ref.act_input] = dynamic_qdq(ctx, ref, x, pre)[0]
     node.input[ref.weight_input] = b.dequantize_const(f"{plan.name}_W", q, w_scale, axis, pre)

@@ -8,7 +8,6 @@ import ml_dtypes
 import numpy as np
 from onnx import TensorProto
 
-from jaxptq import qmath
 from jaxptq.plan import SitePlan
 from jaxptq.targets import TargetProfile
 
@@ -92,10 +91,3 @@ def channel_vector(arr: np.ndarray, channels: int, what: str) -> np.ndarray:
     if flat.size != channels:
         raise ValueError(f"{what} has shape {flat.shape}, expected {channels} channel values")
     return flat.reshape(channels)
-
-
-def bias_int32(bias: np.ndarray, act_scale: np.float32, w_scale: np.ndarray) -> tuple:
-    """int32 bias with scale act_scale * w_scale and zero point 0, as QLinearConv wants
-    (`qmath.bias_int32`, the integers the JAX program adds)."""
-    scale = (np.float32(act_scale) * np.asarray(w_scale, np.float32)).astype(np.float32)
-    return qmath.bias_int32(bias, scale), scale
