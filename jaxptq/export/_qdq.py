@@ -199,7 +199,11 @@ def qdq_site(ctx: Ctx, node: onnx.NodeProto, ref: SiteRef, pre: list, post: list
             int32_scale = qmath.accumulator_scale(aq.scale, np.broadcast_to(w_scale, (channels,)))
     elif plan.act_mode is not None:
         node.input[ref.act_input] = dynamic_qdq(ctx, ref, x, pre)[0]
-    node.input[ref.weight_input] = b.dequantize_const(f"{plan.name}_W", q, w_scale, axis, pre)
+    # Symmetric weights: a Conv's zero point can default to 0 (a vector of zeros costs a
+    # byte a channel); onnxruntime fuses DQ -> Gemm into QGemm only with one.
+    node.input[ref.weight_input] = b.dequantize_const(
+        f"{plan.name}_W", q, w_scale, axis, pre, zero_point=node.op_type != "Conv"
+    )
     _fold_bias(ctx, node, ref, channels, int32_scale, pre, post)
     if plan.act_mode == "static":
         found = next_quant(ctx, post[-1].output[0] if post else node.output[0])
