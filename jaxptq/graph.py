@@ -271,13 +271,15 @@ def evaluate(
     args: Sequence[Any],
     site_rules: Mapping[int, SiteRule] | None = None,
     forward: Mapping[int, int] | None = None,
+    capture: dict[int, Any] | None = None,
 ) -> list[Any]:
     """Runs the graph. `consts` maps `Value.id` to the runtime array of each constant.
 
     `site_rules` maps `id(site.node)` to a function of the site and its input arrays
     that replaces the node (the weight input is None when it was not passed). `forward`
     maps `id(node)` to the input a node passes on unchanged: the ops a fused requantize
-    has already applied (`jaxptq.requant`).
+    has already applied (`jaxptq.requant`). `capture`'s keys are `Value.id`s whose arrays
+    are stored into it.
     """
     env: dict[int, Any] = dict(consts)
     for v, a in zip(graph.inputs, args, strict=True):
@@ -302,4 +304,6 @@ def evaluate(
             out = bind(node, vals)
         for var, val in zip(node.outputs, out, strict=True):
             env[var.id] = val
+            if capture is not None and var.id in capture:
+                capture[var.id] = val
     return [read(v) for v in graph.outputs]

@@ -238,12 +238,17 @@ def static_apply(
     args: Args,
     codes_in: bool = False,
     requant_args: Args | None = None,
+    dequant_args: Args | None = None,
 ) -> Any:
     """The int8 site. With `codes_in` its activation arrives as uint8 codes, and with
-    `requant_args` its output leaves as the next sites' codes (`jaxptq.requant`)."""
+    `requant_args` its output leaves as the next sites' codes (`jaxptq.requant`), or with
+    `dequant_args` too, as the float values of its own output codes."""
     y = _static_sum(plan, site, vals[1 - site.weight_index], args, codes_in)
     if requant_args is not None:
-        return requant.requantize(y, requant_args)
+        codes = requant.requantize(y, requant_args)
+        if dequant_args is None:
+            return codes
+        return requant.dequantize(codes, dequant_args).astype(site.node.outputs[0].aval.dtype)
     y = y * args["out_scale"]
     if "bias" in args:
         y = y + args["bias"]

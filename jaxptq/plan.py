@@ -39,6 +39,11 @@ class SitePlan:
     act_zero_point: int | None = None
     act_range: tuple[float, float] | None = None
     act_symmetric: bool = False
+    # The site's output quantized to int8 too (after its bias and clip), for a target whose
+    # integer kernels produce int8 where the output feeds a float op (`passes.full`).
+    out_act_scale: float | None = None
+    out_act_zero_point: int | None = None
+    out_act_range: tuple[float, float] | None = None
     bias_correction: np.ndarray | None = None  # broadcastable to the site's output
 
     @property
@@ -119,6 +124,8 @@ class QuantPlan:
             )
             if s.act_mode == "static":
                 act = f"s={s.act_scale:.3g} zp={s.act_zero_point}"
+                if s.out_act_scale is not None:
+                    act += f" -> s={s.out_act_scale:.3g} zp={s.out_act_zero_point}"
             else:
                 act = s.act_mode or "float"
             rows.append(
@@ -212,7 +219,7 @@ def _site_from_json(
     i: int, d: dict[str, Any], arrays: dict[str, np.ndarray], packed: bool
 ) -> SitePlan:
     kwargs = dict(d)
-    for key in ("weight_shape", "channel_axes", "act_range"):
+    for key in ("weight_shape", "channel_axes", "act_range", "out_act_range"):
         if kwargs.get(key) is not None:
             kwargs[key] = tuple(kwargs[key])
     for name in _ARRAY_FIELDS:

@@ -27,13 +27,19 @@ nothing. A ReLU chain is then five operations (convert, add, multiply, round, co
 A chain is folded only when nothing else reads its values: each intermediate value has one
 reader and is no output, and every reader of the last one is an int8 site quantizing it
 with the same scale and zero point.
+
+A site whose plan quantizes its output (`SitePlan.out_act_scale`, planned for a named
+`target_device`) ends its chain the same way wherever the chain's value goes, and hands
+its float readers the dequantized codes `(code - 128 - zp) * s`: the `Conv -> Q -> DQ` an
+integer runtime computes when a convolution's output feeds a float op such as a residual
+Add (`passes.full.output_sites`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +69,13 @@ class Chain:
     producer: Site
     folded: tuple[Node, ...]
     running: tuple[int, ...]  # per folded node, the input index the chain passes through
-    consumers: tuple[Site, ...]
+    consumers: tuple[Site, ...]  # () when the producer's own output quantization ends it
     affine: _Affine
+
+    @property
+    def end(self) -> Value:
+        """The chain's last value: what its requantize produces."""
+        return (self.folded[-1] if self.folded else self.producer.node).outputs[0]
 
 
 def _scalar(v: Value) -> float | None:
@@ -139,42 +150,94 @@ def _is_static(plan: SitePlan | None) -> bool:
     return plan is not None and plan.quantized and plan.act_mode == "static"
 
 
+class _Walk(NamedTuple):
+    folded: tuple[Node, ...]
+    running: tuple[int, ...]
+    affine: _Affine
+    end: Value  # the last value of the chain
+
+
+def _walk(
+    site: Site,
+    readers: Mapping[int, list[tuple[Node, int]]],
+    outputs: set[int],
+    site_nodes: Collection[int],
+) -> _Walk:
+    """The elementwise ops after `site` that fold into its requantize (module doc)."""
+    value = site.node.outputs[0]
+    shape = tuple(value.aval.shape)
+    lay = site_layout(site)
+    channels = {o for o in lay.weight_to_out if o is not None}
+    state = _Affine()
+    folded: list[Node] = []
+    running: list[int] = []
+    while value.id not in outputs:
+        nexts = readers.get(value.id, [])
+        if len(nexts) != 1 or id(nexts[0][0]) in site_nodes:
+            break
+        node, i = nexts[0]
+        fold = _FOLD.get(node.primitive.name)
+        out = node.outputs[0]
+        if fold is None or tuple(out.aval.shape) != shape or out.aval.dtype != np.float32:
+            break
+        if not fold(state, node, i, shape, channels):
+            break
+        folded.append(node)
+        running.append(i)
+        value = out
+    return _Walk(tuple(folded), tuple(running), state, value)
+
+
 def find_chains(graph: Graph, plans: Mapping[str, SitePlan]) -> list[Chain]:
-    """Every producer -> folded ops -> int8 consumers chain of the graph (module doc)."""
+    """Every producer -> folded ops -> int8 consumers chain of the graph, and every chain a
+    site's own output quantization ends (module doc)."""
     readers = _readers(graph)
     outputs = {v.id for v in graph.outputs}
     site_of = {id(s.node): s for s in graph.sites}
     chains = []
     for site in graph.sites:
-        if not _is_static(plans.get(site.name)):
+        plan = plans.get(site.name)
+        if not _is_static(plan) or site.node.outputs[0].aval.dtype != np.float32:
             continue
-        value = site.node.outputs[0]
-        shape = tuple(value.aval.shape)
-        if value.aval.dtype != np.float32:
-            continue
-        lay = site_layout(site)
-        channels = {o for o in lay.weight_to_out if o is not None}
-        state = _Affine()
-        folded: list[Node] = []
-        running: list[int] = []
-        while value.id not in outputs:
-            nexts = readers.get(value.id, [])
-            if len(nexts) != 1 or id(nexts[0][0]) in site_of:
-                break
-            node, i = nexts[0]
-            fold = _FOLD.get(node.primitive.name)
-            out = node.outputs[0]
-            if fold is None or tuple(out.aval.shape) != shape or out.aval.dtype != np.float32:
-                break
-            if not fold(state, node, i, shape, channels):
-                break
-            folded.append(node)
-            running.append(i)
-            value = out
-        consumers = _consumers(value, readers, outputs, site_of, plans)
-        if consumers:
-            chains.append(Chain(site, tuple(folded), tuple(running), consumers, state))
+        walk = _walk(site, readers, outputs, site_of)
+        consumers = _consumers(walk.end, readers, outputs, site_of, plans)
+        if consumers or (plan is not None and plan.out_act_scale is not None):
+            chains.append(Chain(site, walk.folded, walk.running, consumers, walk.affine))
     return chains
+
+
+def unfused_sites(graph: Graph, static: Collection[str]) -> dict[str, str | None]:
+    """The `static` sites whose output goes on as float: some reader of its chain's value
+    is not a static site taking it as its activation (a residual Add, a pool), and the
+    value is no graph output.
+
+    Maps each to a static site that also reads that value as its activation (so the
+    output can share its quantization), or None.
+    """
+    readers = _readers(graph)
+    outputs = {v.id for v in graph.outputs}
+    site_of = {id(s.node): s for s in graph.sites}
+    found: dict[str, str | None] = {}
+    for site in graph.sites:
+        if site.name not in static or site.node.outputs[0].aval.dtype != np.float32:
+            continue
+        end = _walk(site, readers, outputs, site_of).end
+        if end.id in outputs:
+            continue
+        takers = []
+        for node, i in readers.get(end.id, []):
+            reader = site_of.get(id(node))
+            if reader is not None and reader.name in static and i == 1 - reader.weight_index:
+                takers.append(reader.name)
+        if len(takers) < len(readers.get(end.id, [])):
+            found[site.name] = takers[0] if takers else None
+    return found
+
+
+def chain_end(graph: Graph, site: Site) -> Value:
+    """The value `site`'s requantize would produce: its output after the foldable ops."""
+    site_nodes = {id(s.node) for s in graph.sites}
+    return _walk(site, _readers(graph), {v.id for v in graph.outputs}, site_nodes).end
 
 
 def _consumers(
@@ -198,14 +261,30 @@ def _consumers(
     return tuple(sites) if len(params) == 1 else ()
 
 
-def chain_args(chain: Chain, producer_args: Args, consumer: SitePlan) -> Args:
+def chain_quant(chain: Chain, plans: Mapping[str, SitePlan]) -> tuple[float, int]:
+    """The (scale, int8 zero point) a chain requantizes to: its consumers' activation
+    quantization, or the producer's own output quantization."""
+    plan = plans[chain.consumers[0].name] if chain.consumers else plans[chain.producer.name]
+    scale, zero_point = (
+        (plan.act_scale, plan.act_zero_point)
+        if chain.consumers
+        else (plan.out_act_scale, plan.out_act_zero_point)
+    )
+    assert scale is not None and zero_point is not None
+    return scale, zero_point
+
+
+def chain_args(chain: Chain, producer_args: Args, scale: float, zero_point: int) -> Args:
     """The requantize's arrays from the producer's kernel arrays (`kernels.static_args`)
-    and the consumers' activation quantization, as onnxruntime's QLinearConv takes them
-    (module doc). Terms that change nothing are left out: a zero bias, a zero point of 0,
-    bounds the uint8 conversion's own saturation already applies."""
-    assert consumer.act_scale is not None and consumer.act_zero_point is not None
-    s_y = np.float32(consumer.act_scale)
-    zp = consumer.act_zero_point + 128
+    and the int8 `scale` and `zero_point` it quantizes to, as onnxruntime's QLinearConv
+    takes them (module doc). Terms that change nothing are left out: a zero bias, a zero
+    point of 0, bounds the uint8 conversion's own saturation already applies.
+
+    Not for a chain that dequantizes its codes again (one with no consumers): XLA:CPU does
+    not saturate a float -> uint8 -> float pair it fuses (EfficientNet-Lite0's ReLU6 head
+    gave 6.0 for negative values), so that chain always clamps."""
+    s_y = np.float32(scale)
+    zp = zero_point + 128
     acc_scale = np.asarray(producer_args["out_scale"], np.float32)
     bias = np.asarray(chain.affine.bias, np.float32) + np.asarray(
         producer_args.get("bias", 0.0), np.float32
@@ -215,7 +294,7 @@ def chain_args(chain: Chain, producer_args: Args, consumer: SitePlan) -> Args:
         args["bias"] = qmath.bias_int32(bias, acc_scale).astype(np.float32)
     lo = float(np.float32(chain.affine.lower) / s_y)
     hi = float(np.float32(chain.affine.upper) / s_y)
-    if lo > -zp or hi < 255 - zp:
+    if lo > -zp or hi < 255 - zp or not chain.consumers:
         args["lo"], args["hi"] = np.float32(max(lo, -zp)), np.float32(min(hi, 255 - zp))
     if zp:
         args["zp"] = np.float32(zp)
@@ -232,3 +311,18 @@ def requantize(y: Any, args: Args) -> Any:
     if "zp" in args:
         t = t + args["zp"]
     return t.astype(jnp.uint8)  # saturating: XLA converts out-of-range floats to 0 or 255
+
+
+def dequantize_args(scale: float, zero_point: int) -> Args:
+    """`dequantize`'s arrays for codes of the int8 `scale` and `zero_point`."""
+    return {"scale": np.float32(scale), "code_zp": np.float32(zero_point + 128)}
+
+
+def dequantize(codes: Any, args: Args) -> Any:
+    """Float32 values of uint8 codes, as DequantizeLinear computes them: the exact
+    difference `code - 128 - zp`, then one rounding multiply by the scale.
+
+    Behind a barrier, so that XLA:CPU cannot contract the multiply with a reader's add
+    (a residual Add) into one fused multiply-add, which rounds once where the runtime's
+    DequantizeLinear and Add round twice."""
+    return lax.optimization_barrier((codes.astype(jnp.float32) - args["code_zp"]) * args["scale"])

@@ -116,19 +116,29 @@ class QuantizedFunction:
         chains = requant.find_chains(graph, plans)
         chain_arrays = {
             c.producer.name: requant.chain_args(
-                c, all_site_args[c.producer.name], plans[c.consumers[0].name]
+                c, all_site_args[c.producer.name], *requant.chain_quant(c, plans)
             )
             for c in chains
+        }
+        # A chain its producer's own output quantization ends hands on dequantized codes.
+        dequant_arrays = {
+            c.producer.name: requant.dequantize_args(*requant.chain_quant(c, plans))
+            for c in chains
+            if not c.consumers
         }
         codes_in = {t.name for c in chains for t in c.consumers}
         forward = {id(n): i for c in chains for n, i in zip(c.folded, c.running, strict=True)}
 
         const_arrays = [np.asarray(v.const) for v in consts]
-        pack = ArgPack((all_site_args, chain_arrays, const_arrays), _is_integer_weight)
+        pack = ArgPack(
+            (all_site_args, chain_arrays, dequant_arrays, const_arrays), _is_integer_weight
+        )
         n_params = len(pack.args)
 
         def run(*params_and_args: Any) -> Any:
-            site_args, fused_args, const_arrays = pack.unpack(*params_and_args[:n_params])
+            site_args, fused_args, dequant_args, const_arrays = pack.unpack(
+                *params_and_args[:n_params]
+            )
             flat_args = params_and_args[n_params:]
             rules = {}
             for site, sp in matched:
@@ -138,6 +148,7 @@ class QuantizedFunction:
                         kernels.static_apply,
                         codes_in=sp.name in codes_in,
                         requant_args=fused_args.get(sp.name),
+                        dequant_args=dequant_args.get(sp.name),
                     )
                 rules[id(site.node)] = functools.partial(
                     _call_kernel, apply, sp, site_args[sp.name]

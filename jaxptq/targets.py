@@ -30,6 +30,9 @@ class TargetProfile:
     act_symmetric: bool  # activation zero point fixed at 0
     per_channel_weights: bool = True
     bias_int32: bool = True
+    # Every int8 site's output is int8 too, where it feeds a float op (`passes.full`):
+    # the named targets' kernels take int8 in and give int8 out.
+    quantize_outputs: bool = True
 
     def cannot_express(self, site: Site, per_channel: bool) -> str | None:
         """Why this target's integer kernels cannot run `site`, or None.
@@ -50,7 +53,9 @@ class TargetProfile:
 
 
 TARGETS: dict[str | None, TargetProfile] = {
-    None: TargetProfile("GENERIC", act_unsigned=False, act_symmetric=False, bias_int32=False),
+    None: TargetProfile(
+        "GENERIC", act_unsigned=False, act_symmetric=False, bias_int32=False, quantize_outputs=False
+    ),
     "ASCEND": TargetProfile("ASCEND", act_unsigned=False, act_symmetric=False),
     "CPU": TargetProfile("CPU", act_unsigned=True, act_symmetric=False, bias_int32=False),
     "DSP": TargetProfile("DSP", act_unsigned=True, act_symmetric=False),

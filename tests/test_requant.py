@@ -99,7 +99,9 @@ def test_fused_codes_are_onnxruntime_qlinear_codes(full_mlp: Any, digits_data: A
         name, nxt = chain.producer.name, plans[chain.consumers[0].name]
         args = kernels.static_args(plans[name], chain.producer)
         y = kernels._static_sum(plans[name], chain.producer, inputs[name], args, False)
-        codes = np.asarray(requant.requantize(y, requant.chain_args(chain, args, nxt)))
+        quant = (nxt.act_scale, nxt.act_zero_point)
+        assert requant.chain_quant(chain, plans) == quant
+        codes = np.asarray(requant.requantize(y, requant.chain_args(chain, args, *quant)))
         acc = np.asarray(y).astype(np.int64)
         assert np.array_equal(acc, np.asarray(y))  # exact integers
         bias = (chain.affine.bias + args["bias"]).astype(np.float32)
@@ -166,8 +168,10 @@ def test_requantize_saturates_like_onnxruntime(zero_point: int, upper: float) ->
     out_scale = np.full(8, np.float32(2.0**-4), np.float32)  # ties at exact halves
     acc = acc[: len(acc) // 8 * 8].reshape(-1, 8)
     nxt = SitePlanStub(act_scale=np.float32(0.05), act_zero_point=zero_point)
-    chain = requant.Chain(None, (), (), (), requant._Affine(0.0, 0.0, upper))  # type: ignore[arg-type]
-    args = requant.chain_args(chain, {"out_scale": out_scale, "bias": bias}, nxt)  # type: ignore[arg-type]
+    # one consumer stands for the next int8 site (a chain with none would clamp always)
+    chain = requant.Chain(None, (), (), ("next",), requant._Affine(0.0, 0.0, upper))  # type: ignore[arg-type]
+    producer_args = {"out_scale": out_scale, "bias": bias}
+    args = requant.chain_args(chain, producer_args, nxt.act_scale, nxt.act_zero_point)
     codes = np.asarray(jax.jit(requant.requantize)(acc.astype(np.float32), args))
     want = _qlinear_reference(acc, bias, out_scale, nxt)
     if upper < np.inf:
@@ -176,3 +180,28 @@ def test_requantize_saturates_like_onnxruntime(zero_point: int, upper: float) ->
     top = 255 if upper == np.inf else np.round(np.float32(upper) / nxt.act_scale) + zero_point + 128
     assert (codes.min(), codes.max()) == (zero_point + 128, top)  # both bounds reached
     assert ("lo" in args) == (zero_point != -128 or upper < np.inf)
+
+
+def test_an_output_chain_clamps_and_dequantizes_as_dequantizelinear():
+    """A chain its producer's own output quantization ends always clamps (XLA:CPU does not
+    saturate a float -> uint8 -> float pair it fuses), and its codes come back as
+    DequantizeLinear's `(code - zp) * scale` in float32, bit for bit."""
+    chain = requant.Chain(None, (), (), (), requant._Affine())  # type: ignore[arg-type]
+    producer_args = {"out_scale": np.full(4, np.float32(0.01), np.float32)}
+    args = requant.chain_args(chain, producer_args, 0.05, -128)
+    assert (args["lo"], args["hi"]) == (0.0, 255.0)
+    acc = np.linspace(-3000, 3000, 64, dtype=np.float32).reshape(16, 4)
+    program = jax.jit(
+        lambda y: requant.dequantize(
+            requant.requantize(y, args), requant.dequantize_args(0.05, -128)
+        )
+    )
+    got = np.asarray(program(acc))
+    multiplier = np.float32(0.01) / np.float32(0.05)
+    codes = np.round(np.clip(acc * multiplier, 0, 255))  # zero point -128 + 128 = 0
+    want = codes.astype(np.float32) * np.float32(0.05)
+    assert got.min() == 0.0 and np.array_equal(got, want)
+    every = np.arange(256, dtype=np.uint8)
+    dq = np.asarray(requant.dequantize(every, requant.dequantize_args(0.0173, 5)))
+    want = (every.astype(np.int32) - 133).astype(np.float32) * np.float32(0.0173)
+    assert np.array_equal(dq, want)

@@ -12,6 +12,7 @@ import onnx
 
 from jaxptq import atomic
 from jaxptq.export._context import SiteRef, node_name
+from jaxptq.export._outputs import planned_outputs
 from jaxptq.export._rewrite_onnx import fusable_outputs, quantize_graph
 from jaxptq.rewrite import QuantizedFunction
 from jaxptq.targets import TARGETS, TargetProfile
@@ -38,10 +39,11 @@ def check_plan_fits(qfn: QuantizedFunction, target: TargetProfile) -> None:
     if not target.act_symmetric:
         return
     for sp in qfn.plan.quantized_sites:
-        if sp.act_mode == "static" and sp.act_zero_point not in (0, None):
+        zero_points = {sp.act_zero_point, sp.out_act_zero_point} - {0, None}
+        if sp.act_mode == "static" and zero_points:
             raise ValueError(
                 f"target {target.name} takes symmetric activations (zero point 0), but site "
-                f"`{sp.name}` has zero point {sp.act_zero_point}: the plan was made for "
+                f"`{sp.name}` has zero point {zero_points.pop()}: the plan was made for "
                 f"target_device={qfn.plan.config.full_quant_param.target_device!r}. Run "
                 f"`ptq` with target_device={target.name!r}."
             )
@@ -133,17 +135,20 @@ def build_model(
     if isinstance(model, onnx.ModelProto):
         source = _with_opset(model, _needed_opset(qfn))
         refs = _onnx_refs(qfn, source)
+        extra = planned_outputs(qfn.plan, qfn._graphs.first(), source, refs, target)
     else:
         from jaxptq.export.onnx_translate import translate
 
-        source, refs = translate(qfn, example_args)
-        source = _with_opset(source, _needed_opset(qfn))
-    extra = None
+        translation = translate(qfn, example_args)
+        source, refs = _with_opset(translation.model, _needed_opset(qfn)), translation.refs
+        extra = planned_outputs(
+            qfn.plan, translation.graph, source, refs, target, translation.names
+        )
     if fuse_calib is not None:
         from jaxptq.export._fuse import calibrate_tensors
 
-        wanted = fusable_outputs(source, refs, target)
-        extra = calibrate_tensors(
+        wanted = {t: q for t, q in fusable_outputs(source, refs, target).items() if t not in extra}
+        extra |= calibrate_tensors(
             source, [t for t, q in wanted.items() if q is None], fuse_calib, target
         )
         extra |= {t: q for t, q in wanted.items() if q is not None}

@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from jaxptq import qmath
+from jaxptq import qmath, requant
 from jaxptq.config import QuantConfig
 from jaxptq.graph import Site
 from jaxptq.passes.bias_correction import apply_bias_correction
 from jaxptq.passes.common import skip_reason, skipped_site_plan, weight_site_plan
 from jaxptq.plan import SitePlan
-from jaxptq.probe import site_inputs, takes_any_batch
+from jaxptq.probe import output_key, site_inputs, takes_any_batch
 from jaxptq.rewrite import GraphCache
 from jaxptq.targets import TARGETS
 
@@ -52,15 +52,17 @@ def plan_full_quant(
                 s, full.per_channel
             )
     eligible = [s.name for s in sites if reasons[s.name] is None]
+    target = TARGETS[full.target_device]
+    unfused = _integer_outputs(graphs, eligible) if target.quantize_outputs else {}
+    own_range = [name for name, reader in unfused.items() if reader is None]
     per_row = not takes_any_batch(graphs, in_tree, samples[0])
     result = calibrate(
-        site_inputs(graphs, in_tree, eligible, per_row, channels_last=True),
+        site_inputs(graphs, in_tree, eligible, per_row, channels_last=True, outputs=own_range),
         samples,
         full.activation_quant_method,
         outlier_percent=full.outlier_percent,
         progress=progress,
     )
-    target = TARGETS[full.target_device]
     plans = []
     for site in sites:
         reason = reasons[site.name]
@@ -75,6 +77,59 @@ def plan_full_quant(
         plan.act_scale, plan.act_zero_point = activation_params(*plan.act_range, symmetric)
         plan.act_symmetric = symmetric
         plans.append(plan)
+    _quantize_outputs(plans, unfused, result, target.act_symmetric)
     if full.bias_correction:
         apply_bias_correction(graphs, in_tree, sites, plans, samples)
     return plans, result
+
+
+# ONNX nodes that carry their own bias, so a runtime computes `DQ -> node -> Q` as one
+# integer kernel (onnxruntime: QLinearConv, QGemm).
+_INTEGER_OUTPUT_OPS = ("Conv", "Gemm")
+
+
+def _integer_outputs(graphs: GraphCache, static: list[str]) -> dict[str, str | None]:
+    """The static sites whose float-fed outputs the target computes as int8
+    (`requant.unfused_sites`): those of an imported ONNX model's Conv and Gemm nodes, which
+    its export keeps. A MatMul with a separate bias Add, and every node translated from a
+    JAX function (its bias and layout transposes are nodes of their own), stay float ops in
+    the runtime, so their outputs are not rounded either."""
+    op_types = getattr(graphs.fn, "site_op_types", None)
+    if op_types is None:
+        return {}
+    ops = op_types()
+    found = requant.unfused_sites(graphs.first(), static)
+    return {name: reader for name, reader in found.items() if ops.get(name) in _INTEGER_OUTPUT_OPS}
+
+
+def _quantize_outputs(
+    plans: list[SitePlan],
+    unfused: dict[str, str | None],
+    result: Any,
+    symmetric: bool,
+) -> None:
+    """Quantizes the output of each site in `unfused` (`requant.unfused_sites`): like the
+    static site that also reads it, or from its own calibrated range.
+
+    Why: an integer runtime runs a convolution on integers only when its output is
+    quantized too (onnxruntime fuses `DQ -> Conv -> Q`, never `DQ -> Conv` feeding a float
+    Add); otherwise it convolves dequantized floats, whose rounding the JAX program's exact
+    int32 sum cannot match. Quantizing those outputs in the plan makes the program compute
+    what the target's kernels compute.
+    """
+    by_name = {p.name: p for p in plans}
+    for name, reader in unfused.items():
+        plan = by_name[name]
+        if reader is not None:
+            source = by_name[reader]
+            plan.out_act_range = source.act_range
+            plan.out_act_scale, plan.out_act_zero_point = (
+                source.act_scale,
+                source.act_zero_point,
+            )
+            continue
+        rng = result.ranges[output_key(name)]
+        plan.out_act_range = (float(np.float32(rng.lo)), float(np.float32(rng.hi)))
+        plan.out_act_scale, plan.out_act_zero_point = activation_params(
+            *plan.out_act_range, symmetric
+        )

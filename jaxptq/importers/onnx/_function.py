@@ -79,6 +79,14 @@ class OnnxFunction:
         self.output_names: tuple[str, ...] = tuple(o.name for o in g.output)
         self._steps = self._plan(base)
 
+    def site_op_types(self) -> dict[str, str]:
+        """The op type of each node under the name its sites get (the name stack drops
+        empty parts, so node `/block/Conv` names site `block/Conv`)."""
+        return {
+            "/".join(p for p in (n.name or f"{n.op_type}_{i}").split("/") if p): n.op_type
+            for i, n in enumerate(self.model.graph.node)
+        }
+
     def _plan(self, base: pathlib.Path | None) -> tuple[_Step, ...]:
         """Checks support and wiring over the whole graph before anything runs."""
         g = self.model.graph

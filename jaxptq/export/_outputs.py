@@ -1,0 +1,56 @@
+"""The site outputs a plan quantizes (`SitePlan.out_act_scale`), as ONNX tensors to quantize.
+
+The JAX program requantizes such a site's output after the ops that fold into it (its
+bias, a Relu/Clip: `requant.Chain`) and hands the dequantized codes on; the export puts
+`Q -> DQ` on the same tensor, so a runtime fuses `DQ -> Conv -> Q` and computes the same
+codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import onnx
+
+from jaxptq import requant
+from jaxptq.export._context import SiteRef, clip_reader, make_context
+from jaxptq.export._qparams import ActQuant, act_quant_from
+from jaxptq.graph import Graph
+from jaxptq.plan import QuantPlan
+from jaxptq.targets import TargetProfile
+
+_BOUNDS = ("max", "min", "clamp")
+
+
+def planned_outputs(
+    plan: QuantPlan,
+    graph: Graph,
+    model: onnx.ModelProto,
+    refs: Mapping[str, SiteRef],
+    target: TargetProfile,
+    tensor_names: Mapping[int, str] | None = None,
+) -> dict[str, ActQuant]:
+    """ONNX tensor -> its quantization, for every site output the plan quantizes.
+
+    `tensor_names` maps `Value.id` to tensor for a translated graph, where every value has
+    its own tensor. For an imported model the site's node computes the bias too, so the
+    tensor is the node's output, or the Relu/Clip after it when the chain folded a bound.
+    """
+    plans = {sp.name: sp for sp in plan.sites}
+    ctx = make_context(model, refs, target, "qdq")
+    node_of = {ref.plan.name: name for name, ref in refs.items()}
+    outputs = {n.name: n.output[0] for n in model.graph.node}
+    found: dict[str, ActQuant] = {}
+    for chain in requant.find_chains(graph, plans):
+        if chain.consumers:
+            continue
+        sp = plans[chain.producer.name]
+        assert sp.out_act_scale is not None and sp.out_act_zero_point is not None
+        if tensor_names is not None:
+            tensor = tensor_names[chain.end.id]
+        else:
+            y = outputs[node_of[sp.name]]
+            bounded = any(n.primitive.name in _BOUNDS for n in chain.folded)
+            tensor = (clip_reader(ctx, y) if bounded else None) or y
+        found[tensor] = act_quant_from(sp.out_act_scale, sp.out_act_zero_point, target)
+    return found
