@@ -32,7 +32,7 @@ A site whose plan quantizes its output (`SitePlan.out_act_scale`, planned for a 
 `target_device`) ends its chain the same way wherever the chain's value goes, and hands
 its float readers the dequantized codes `(code - 128 - zp) * s`: the `Conv -> Q -> DQ` an
 integer runtime computes when a convolution's output feeds a float op such as a residual
-Add (`passes.full.output_sites`).
+Add (`passes.full._quantize_outputs`).
 """
 
 from __future__ import annotations
@@ -280,9 +280,9 @@ def chain_args(chain: Chain, producer_args: Args, scale: float, zero_point: int)
     takes them (module doc). Terms that change nothing are left out: a zero bias, a zero
     point of 0, bounds the uint8 conversion's own saturation already applies.
 
-    Not for a chain that dequantizes its codes again (one with no consumers): XLA:CPU does
-    not saturate a float -> uint8 -> float pair it fuses (EfficientNet-Lite0's ReLU6 head
-    gave 6.0 for negative values), so that chain always clamps."""
+    A chain that dequantizes its codes again (one with no consumers) always clamps: XLA:CPU
+    did not saturate a float -> uint8 -> float pair it fused (EfficientNet-Lite0's ReLU6
+    head gave 6.0 for negative values)."""
     s_y = np.float32(scale)
     zp = zero_point + 128
     acc_scale = np.asarray(producer_args["out_scale"], np.float32)
