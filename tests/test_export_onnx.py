@@ -167,11 +167,11 @@ class Block(nnx.Module):
 @pytest.mark.parametrize(
     "config",
     [
-        {"quant_type": "FULL_QUANT", "target_device": "CPU"},
+        *({"quant_type": "FULL_QUANT", "target_device": t} for t in TARGETS),
         {"quant_type": "DYNAMIC_QUANT", "quant_strategy": "ALWC"},  # one scale per tensor
         {"quant_type": "DYNAMIC_QUANT", "quant_strategy": "ACWL"},  # one scale per row
     ],
-    ids=["full", "dynamic-ALWC", "dynamic-ACWL"],
+    ids=[*(f"full-{t}" for t in TARGETS), "dynamic-ALWC", "dynamic-ACWL"],
 )
 def test_transformer_block(config, tmp_path):
     rng = np.random.default_rng(0)
@@ -179,10 +179,12 @@ def test_transformer_block(config, tmp_path):
     samples = [rng.normal(size=(4, 8, 32)).astype(np.float32) for _ in range(4)]
     qfn = ptq(block, samples, config)
     x = rng.normal(size=(16, 8, 32)).astype(np.float32)
+    signed = config.get("target_device") in ("ASCEND", "NVGPU")
     for form in FORMS:
         path = export_onnx(qfn, tmp_path / f"block_{form}.onnx", x[:4], form=form)
         assert ops(path)["Einsum"] == 2
-        check_agreement(qfn(x), ort_run(path, x), cos_min=0.99999)
+        got = ort_run(path, x, **(SIGNED_INT8 if signed else {}))
+        check_agreement(qfn(x), got, cos_min=0.99999)
 
 
 # --- imported ONNX models --------------------------------------------------------------------
