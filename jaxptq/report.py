@@ -389,12 +389,18 @@ def _quant_param_rows(
     for site, sp in matched:
         if not sp.quantized:
             continue
-        node_type, x_name, w_name, _ = _names(site, nodes)
+        node_type, x_name, w_name, y_name = _names(site, nodes)
         x_shape = tuple(site.activation.aval.shape)
         if sp.act_mode == "static":
             rows.append(
                 [site.name, node_type, x_name, int(np.prod(x_shape)), " ".join(map(str, x_shape)),
                  float(sp.act_scale or 0.0), int(sp.act_zero_point or 0), 8, 1.0, 0.0]
+            )  # fmt: skip
+        if sp.out_act_scale is not None:  # an output the plan quantizes too (a target's)
+            y_shape = tuple(site.node.outputs[0].aval.shape)
+            rows.append(
+                [site.name, node_type, y_name, int(np.prod(y_shape)), " ".join(map(str, y_shape)),
+                 float(sp.out_act_scale), int(sp.out_act_zero_point or 0), 8, 1.0, 0.0]
             )  # fmt: skip
         wd = dequantized_weight(sp)
         assert sp.weight_scale is not None and wd is not None

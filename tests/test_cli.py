@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from jaxptq.cli import main
+from jaxptq.plan import QuantPlan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -106,6 +107,34 @@ def test_convert_full_quant_with_debug_report(mnist, tmp_path, capsys):
         params = list(csv.DictReader(f))
     assert len(params) == 6  # each site: its static input and its weight
     assert len(list(debug.glob("report_*.csv"))) == 8  # one per calibration round
+
+
+def test_a_target_plan_lists_the_outputs_it_quantizes(mnist, tmp_path, capsys):
+    """For DSP the plan also quantizes the convolutions' outputs that reach MaxPool, and
+    quant_param.csv lists them with their own scale and zero point."""
+    debug = tmp_path / "debug"
+    cfg = _cfg(
+        tmp_path / "dsp.cfg",
+        _dynamic_cfg(mnist, debug_info_save_path=str(debug)).replace("DYNAMIC_QUANT", "FULL_QUANT")
+        + "[full_quant_param]\nactivation_quant_method=MAX_MIN\ntarget_device=DSP\n",
+    )
+    code, _, err = _run(["convert", "--model", str(mnist / "mnist.onnx"), "--config",
+                         str(cfg), "--output", str(tmp_path / "out")], capsys)  # fmt: skip
+    assert code == 0, err
+    plan = QuantPlan.load(tmp_path / "out" / "plan")
+    outputs = {s.name: s for s in plan.sites if s.out_act_scale is not None}
+    assert outputs and all(plan[name].primitive == "conv_general_dilated" for name in outputs)
+    with open(debug / "quant_param.csv", newline="") as f:
+        params = list(csv.DictReader(f))
+    assert len(params) == 6 + len(outputs)
+    per_tensor = [p for p in params if " " not in p["Scale"]]  # not the weights' rows
+    for name, sp in outputs.items():
+        assert any(
+            p["NodeName"] == name
+            and np.isclose(float(p["Scale"]), sp.out_act_scale, rtol=1e-7)
+            and int(p["ZeroPoint"]) == sp.out_act_zero_point
+            for p in per_tensor
+        )
 
 
 def test_legacy_weight_quant_flags(mnist, tmp_path, capsys):
