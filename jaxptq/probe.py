@@ -75,7 +75,7 @@ def site_inputs(
             return bind(site.node, vals)[0]
 
         rules = {id(s.node): record for s in graph.sites if s.name in wanted}
-        ends = {s.name: (s, requant.chain_end(graph, s)) for s in graph.sites if s.name in outs}
+        ends = requant.chain_ends(graph, outs)
         captured: dict[int, Any] = {v.id: None for _, v in ends.values()}
         jax_args = jax.tree_util.tree_leaves(args)
         evaluate(graph, _float_consts(graph), jax_args, rules, capture=captured)

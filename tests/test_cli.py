@@ -90,16 +90,22 @@ def test_convert_dynamic_writes_outputs_and_summary(converted):
     assert len(list(converted.glob("model.stablehlo.*"))) == 1
 
 
-def test_convert_full_quant_with_debug_report(mnist, tmp_path, capsys):
+def _convert_full_quant(mnist, tmp_path, capsys, full_quant_param: str) -> tuple[str, pathlib.Path]:
+    """Converts MNIST with FULL_QUANT (MAX_MIN), its debug report on; (stdout, debug folder)."""
     debug = tmp_path / "debug"
     cfg = _cfg(
         tmp_path / "full.cfg",
         _dynamic_cfg(mnist, debug_info_save_path=str(debug)).replace("DYNAMIC_QUANT", "FULL_QUANT")
-        + "[full_quant_param]\nactivation_quant_method=MAX_MIN\nper_channel=true\n",
+        + f"[full_quant_param]\nactivation_quant_method=MAX_MIN\n{full_quant_param}\n",
     )
     code, out, err = _run(["convert", "--model", str(mnist / "mnist.onnx"), "--config",
                            str(cfg), "--output", str(tmp_path / "out")], capsys)  # fmt: skip
     assert code == 0, err
+    return out, debug
+
+
+def test_convert_full_quant_with_debug_report(mnist, tmp_path, capsys):
+    out, debug = _convert_full_quant(mnist, tmp_path, capsys, "per_channel=true")
     assert "FULL_QUANT for generic: 3 sites quantized, 0 skipped" in out
     cos = float(out.split("mean ")[1].split(",")[0])
     assert cos > 0.999
@@ -112,15 +118,7 @@ def test_convert_full_quant_with_debug_report(mnist, tmp_path, capsys):
 def test_a_target_plan_lists_the_outputs_it_quantizes(mnist, tmp_path, capsys):
     """For DSP the plan also quantizes the convolutions' outputs that reach MaxPool, and
     quant_param.csv lists them with their own scale and zero point."""
-    debug = tmp_path / "debug"
-    cfg = _cfg(
-        tmp_path / "dsp.cfg",
-        _dynamic_cfg(mnist, debug_info_save_path=str(debug)).replace("DYNAMIC_QUANT", "FULL_QUANT")
-        + "[full_quant_param]\nactivation_quant_method=MAX_MIN\ntarget_device=DSP\n",
-    )
-    code, _, err = _run(["convert", "--model", str(mnist / "mnist.onnx"), "--config",
-                         str(cfg), "--output", str(tmp_path / "out")], capsys)  # fmt: skip
-    assert code == 0, err
+    _, debug = _convert_full_quant(mnist, tmp_path, capsys, "target_device=DSP")
     plan = QuantPlan.load(tmp_path / "out" / "plan")
     outputs = {s.name: s for s in plan.sites if s.out_act_scale is not None}
     assert outputs and all(plan[name].primitive == "conv_general_dilated" for name in outputs)

@@ -52,11 +52,6 @@ class Ctx:
     extra: Mapping[str, ActQuant] = dataclasses.field(default_factory=dict)
 
 
-def node_name(node: onnx.NodeProto, index: int) -> str:
-    """The name the importer gives a node (and so its site): its own, or `OpType_index`."""
-    return node.name or f"{node.op_type}_{index}"
-
-
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for n in graph.node:

@@ -28,13 +28,12 @@ def planned_outputs(
     model: onnx.ModelProto,
     refs: Mapping[str, SiteRef],
     target: TargetProfile,
-    tensor_names: Mapping[int, str] | None = None,
 ) -> dict[str, ActQuant]:
     """ONNX tensor -> its quantization, for every site output the plan quantizes.
 
-    `tensor_names` maps `Value.id` to tensor for a translated graph, where every value has
-    its own tensor. For an imported model the site's node computes the bias too, so the
-    tensor is the node's output, or the Relu/Clip after it when the chain folded a bound.
+    Only imported models' Conv/Gemm sites get output quantization (`passes.full`), and
+    such a node computes its bias too, so the tensor is the node's output, or the
+    Relu/Clip after it when the chain folded a bound.
     """
     plans = {sp.name: sp for sp in plan.sites}
     ctx = make_context(model, refs, target, "qdq")
@@ -46,11 +45,8 @@ def planned_outputs(
             continue
         sp = plans[chain.producer.name]
         assert sp.out_act_scale is not None and sp.out_act_zero_point is not None
-        if tensor_names is not None:
-            tensor = tensor_names[chain.end.id]
-        else:
-            y = outputs[node_of[sp.name]]
-            bounded = any(n.primitive.name in _BOUNDS for n in chain.folded)
-            tensor = (clip_reader(ctx, y) if bounded else None) or y
+        y = outputs[node_of[sp.name]]
+        bounded = any(n.primitive.name in _BOUNDS for n in chain.folded)
+        tensor = (clip_reader(ctx, y) if bounded else None) or y
         found[tensor] = act_quant_from(sp.out_act_scale, sp.out_act_zero_point, target)
     return found

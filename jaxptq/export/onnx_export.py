@@ -11,9 +11,10 @@ from typing import Any
 import onnx
 
 from jaxptq import atomic
-from jaxptq.export._context import SiteRef, node_name
+from jaxptq.export._context import SiteRef
 from jaxptq.export._outputs import planned_outputs
 from jaxptq.export._rewrite_onnx import fusable_outputs, quantize_graph
+from jaxptq.importers.onnx._function import nodes_by_site_name, site_scope
 from jaxptq.rewrite import QuantizedFunction
 from jaxptq.targets import TARGETS, TargetProfile
 
@@ -63,13 +64,12 @@ def source_path(fn: Any) -> pathlib.Path | None:
 def _onnx_refs(qfn: QuantizedFunction, model: onnx.ModelProto) -> dict[str, SiteRef]:
     """Matches each site of an imported model to its Conv/Gemm/MatMul node by name."""
     graph = qfn._graphs.first()
-    # Name stacks drop empty parts, so node `/block/Conv` names site `block/Conv`.
-    nodes = {_scope(node_name(n, i)): n for i, n in enumerate(model.graph.node)}
+    nodes = nodes_by_site_name(model)
     refs: dict[str, SiteRef] = {}
     for site, plan in zip(graph.sites, qfn.plan.sites, strict=True):
         if not plan.quantized:
             continue
-        node = nodes.get(_scope(site.name))
+        node = nodes.get(site_scope(site.name))
         if node is None:
             raise NotImplementedError(
                 f"site `{site.name}` matches no ONNX node by name (a node that produced "
@@ -77,10 +77,6 @@ def _onnx_refs(qfn: QuantizedFunction, model: onnx.ModelProto) -> dict[str, Site
             )
         refs[node.name] = _node_ref(node, site, plan)
     return refs
-
-
-def _scope(name: str) -> str:
-    return "/".join(p for p in name.split("/") if p)
 
 
 def _node_ref(node: onnx.NodeProto, site: Any, plan: Any) -> SiteRef:
@@ -139,11 +135,16 @@ def build_model(
     else:
         from jaxptq.export.onnx_translate import translate
 
-        translation = translate(qfn, example_args)
-        source, refs = _with_opset(translation.model, _needed_opset(qfn)), translation.refs
-        extra = planned_outputs(
-            qfn.plan, translation.graph, source, refs, target, translation.names
-        )
+        # Output quantization is planned for imported models only (`passes.full`).
+        planned = [sp.name for sp in qfn.plan.sites if sp.out_act_scale is not None]
+        if planned:
+            raise NotImplementedError(
+                f"site `{planned[0]}` quantizes its output, which only an imported ONNX "
+                "model's export expresses; this function is translated from its jaxpr."
+            )
+        source, refs = translate(qfn, example_args)
+        source = _with_opset(source, _needed_opset(qfn))
+        extra = {}
     if fuse_calib is not None:
         from jaxptq.export._fuse import calibrate_tensors
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import onnx
@@ -368,15 +368,10 @@ def _value_info(name: str, aval: Any, batch: bool) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
-class Translation(NamedTuple):
-    model: onnx.ModelProto
-    refs: dict[str, SiteRef]  # where each quantized site went
-    graph: Graph  # the traced graph translated
-    names: dict[int, str]  # Value.id -> its ONNX tensor
-
-
-def translate(qfn: QuantizedFunction, example_args: tuple[Any, ...]) -> Translation:
-    """The float ONNX model of `qfn`'s traced graph, and where each value and site went."""
+def translate(
+    qfn: QuantizedFunction, example_args: tuple[Any, ...]
+) -> tuple[onnx.ModelProto, dict[str, SiteRef]]:
+    """The float ONNX model of `qfn`'s traced graph, and where each quantized site went."""
     graph = qfn._graphs.get(example_args) if example_args else qfn._graphs.first()
     plans = {sp.name: sp for sp in qfn.plan.sites}
     sites = {id(s.node): s for s in graph.sites if plans[s.name].quantized}
@@ -411,4 +406,4 @@ def translate(qfn: QuantizedFunction, example_args: tuple[Any, ...]) -> Translat
         g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="jaxptq"
     )
     model.ir_version = 8
-    return Translation(model, ctx.refs, graph, ctx.names)
+    return model, ctx.refs

@@ -38,6 +38,22 @@ class _Step:
     release: tuple[str, ...]  # values no later step reads
 
 
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """A node's name, or `OpType_index` for an unnamed one: the scope its ops trace under."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def site_scope(name: str) -> str:
+    """A name as a JAX name stack keeps it: empty parts dropped, so node `/block/Conv`
+    names site `block/Conv`."""
+    return "/".join(p for p in name.split("/") if p)
+
+
+def nodes_by_site_name(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Each node of `model` under the name its sites get."""
+    return {site_scope(node_label(n, i)): n for i, n in enumerate(model.graph.node)}
+
+
 class OnnxFunction:
     """An imported ONNX graph; call it with the graph inputs in graph order.
 
@@ -80,12 +96,8 @@ class OnnxFunction:
         self._steps = self._plan(base)
 
     def site_op_types(self) -> dict[str, str]:
-        """The op type of each node under the name its sites get (the name stack drops
-        empty parts, so node `/block/Conv` names site `block/Conv`)."""
-        return {
-            "/".join(p for p in (n.name or f"{n.op_type}_{i}").split("/") if p): n.op_type
-            for i, n in enumerate(self.model.graph.node)
-        }
+        """The op type of each node under the name its sites get."""
+        return {name: n.op_type for name, n in nodes_by_site_name(self.model).items()}
 
     def _plan(self, base: pathlib.Path | None) -> tuple[_Step, ...]:
         """Checks support and wiring over the whole graph before anything runs."""
@@ -94,7 +106,7 @@ class OnnxFunction:
         defined = set(self._consts) | set(self.input_names)
         steps: list[tuple[Node, Handler | None, tuple[str, ...], tuple[str, ...]]] = []
         for i, n in enumerate(g.node):
-            name = n.name or f"{n.op_type}_{i}"
+            name = node_label(n, i)
             handler = None
             if n.domain in _loader.DEFAULT_DOMAINS:
                 handler = lookup(n.op_type, self.opset)
