@@ -3,6 +3,7 @@ with the JAX integer program; imported models keep their nodes; files are writte
 
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 from collections import Counter
@@ -21,6 +22,7 @@ from jaxptq import import_onnx
 from jaxptq.api import ptq
 from jaxptq.export import export_onnx
 from jaxptq.plan import QuantPlan
+from jaxptq.rewrite import QuantizedFunction
 
 TARGETS = ("CPU", "DSP", "ASCEND", "NVGPU")
 FORMS = ("qdq", "qoperator")
@@ -284,6 +286,12 @@ def test_bad_arguments_are_named(convnet, lenet_full, tmp_path):
     # An asymmetric plan cannot be exported for a target with symmetric activations.
     with pytest.raises(ValueError, match="NVGPU"):
         export_onnx(lenet_full[None], tmp_path / "a.onnx", target="NVGPU")
+    # A plan quantizing a site's output (made for an imported model) on a translated graph.
+    plan = copy.deepcopy(lenet_full[None].plan)
+    plan.sites[0].out_act_scale, plan.sites[0].out_act_zero_point = 0.1, 0
+    translated = QuantizedFunction(lenet_full[None].fn, plan, lenet_full[None]._graphs)
+    with pytest.raises(NotImplementedError, match=f"`{plan.sites[0].name}` quantizes its output"):
+        export_onnx(translated, tmp_path / "a.onnx")
 
 
 class _Heads(nnx.Module):
