@@ -14,7 +14,7 @@ from jaxptq.graph import Graph, param_paths
 from jaxptq.passes.common import check_skip_names
 from jaxptq.passes.dynamic import plan_dynamic_quant
 from jaxptq.passes.weight import plan_weight_quant
-from jaxptq.plan import QuantPlan
+from jaxptq.plan import AddPlan, QuantPlan
 from jaxptq.rewrite import GraphCache, QuantizedFunction
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ def ptq(
     notes = [f"not looked inside: {where}" for where in graph.opaque]
     quant_type = config.quant_type
     calibration = None
+    adds: list[AddPlan] = []
     if quant_type == "WEIGHT_QUANT":
         if config.common_quant_param.bit_num == 0:
             from jaxptq.passes.mixed_bit import plan_mixed_bit
@@ -143,10 +144,12 @@ def ptq(
     elif quant_type == "FULL_QUANT":
         from jaxptq.passes.full import plan_full_quant
 
-        plans, calibration = plan_full_quant(graph.sites, config, graphs, tree, samples, progress)
+        plans, adds, calibration = plan_full_quant(
+            graph.sites, config, graphs, tree, samples, progress
+        )
     else:  # pragma: no cover - QuantConfig validates quant_type
         raise ConfigError(f"unknown quant_type {quant_type!r}")
-    plan = QuantPlan(config, plans, notes)
+    plan = QuantPlan(config, plans, notes, adds)
     qfn = QuantizedFunction(fn, plan, graphs)
     if config.common_quant_param.debug_info_save_path:
         from jaxptq.report import write_debug_report

@@ -272,11 +272,14 @@ def evaluate(
     site_rules: Mapping[int, SiteRule] | None = None,
     forward: Mapping[int, int] | None = None,
     capture: dict[int, Any] | None = None,
+    node_rules: Mapping[int, Callable[[list[Any]], Any]] | None = None,
 ) -> list[Any]:
     """Runs the graph. `consts` maps `Value.id` to the runtime array of each constant.
 
     `site_rules` maps `id(site.node)` to a function of the site and its input arrays
-    that replaces the node (the weight input is None when it was not passed). `forward`
+    that replaces the node (the weight input is None when it was not passed);
+    `node_rules` maps `id(node)` of other one-output nodes to a function of the input
+    arrays that replaces them (`jaxptq.qadd`). `forward`
     maps `id(node)` to the input a node passes on unchanged: the ops a fused requantize
     has already applied (`jaxptq.requant`). `capture`'s keys are `Value.id`s whose arrays
     are stored into it.
@@ -293,6 +296,7 @@ def evaluate(
     sites = {id(s.node): s for s in graph.sites}
     rules = site_rules or {}
     passed = forward or {}
+    replaced = node_rules or {}
     for node in graph.nodes:
         vals = [read(v) for v in node.inputs]
         rule = rules.get(id(node))
@@ -300,6 +304,8 @@ def evaluate(
             out = [vals[passed[id(node)]]]
         elif rule is not None:
             out = [rule(sites[id(node)], vals)]
+        elif id(node) in replaced:
+            out = [replaced[id(node)](vals)]
         else:
             out = bind(node, vals)
         for var, val in zip(node.outputs, out, strict=True):

@@ -75,12 +75,44 @@ _ARRAY_FIELDS = ("weight_scale", "weight_q", "bias_correction")
 
 
 @dataclasses.dataclass(eq=False)
+class AddPlan:
+    """A residual Add the program runs on int8 codes, as a target's `QLinearAdd` does
+    (`jaxptq.qadd`): its inputs' quantization and its output's."""
+
+    name: str  # the add's scope: the ONNX Add node's name
+    input_scales: tuple[float, float]
+    input_zero_points: tuple[int, int]
+    out_scale: float
+    out_zero_point: int
+    out_range: tuple[float, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AddPlan:
+        return cls(
+            d["name"],
+            (float(d["input_scales"][0]), float(d["input_scales"][1])),
+            (int(d["input_zero_points"][0]), int(d["input_zero_points"][1])),
+            float(d["out_scale"]),
+            int(d["out_zero_point"]),
+            (float(d["out_range"][0]), float(d["out_range"][1])),
+        )
+
+
+@dataclasses.dataclass(eq=False)
 class QuantPlan:
-    """The decisions of one `ptq` run: one `SitePlan` per site, in program order."""
+    """The decisions of one `ptq` run: one `SitePlan` per site, in program order, and the
+    Adds run on codes."""
 
     config: QuantConfig
     sites: list[SitePlan]
     notes: list[str] = dataclasses.field(default_factory=list)
+    adds: list[AddPlan] = dataclasses.field(default_factory=list)
 
     @property
     def quant_type(self) -> str:
@@ -139,6 +171,11 @@ class QuantPlan:
                     s.skip_reason or ("bias corrected" if s.bias_correction is not None else ""),
                 )
             )
+        for a in self.adds:
+            pairs = zip(a.input_scales, a.input_zero_points, strict=True)
+            act = " + ".join(f"s={s:.3g} zp={z}" for s, z in pairs)
+            act += f" -> s={a.out_scale:.3g} zp={a.out_zero_point}"
+            rows.append((a.name, "add", "-", "8", "-", act, "on int8 codes"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
@@ -149,6 +186,7 @@ class QuantPlan:
         lines.append(
             f"{self.quant_type}: {n}/{len(self.sites)} sites quantized, weights {before:,} -> "
             f"{after:,} bytes ({after / max(before, 1):.1%}), {self.average_bits():.2f} bits/weight"
+            + (f", {len(self.adds)} Adds on int8 codes" if self.adds else "")
         )
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
@@ -181,7 +219,8 @@ class QuantPlan:
             _site_from_json(i, d, arrays, config.common_quant_param.enable_encode)
             for i, d in enumerate(meta["sites"])
         ]
-        return cls(config, sites, list(meta.get("notes", [])))
+        adds = [AddPlan.from_json(d) for d in meta.get("adds", [])]
+        return cls(config, sites, list(meta.get("notes", [])), adds)
 
     def _to_json_and_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays: dict[str, np.ndarray] = {}
@@ -212,6 +251,7 @@ class QuantPlan:
             "config": config,
             "sites": sites,
             "notes": self.notes,
+            "adds": [a.to_json() for a in self.adds],
         }, arrays
 
 

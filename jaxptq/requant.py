@@ -137,7 +137,8 @@ _FOLD: dict[str, Callable[[_Affine, Node, int, Any, set[int]], bool]] = {
 }
 
 
-def _readers(graph: Graph) -> dict[int, list[tuple[Node, int]]]:
+def value_readers(graph: Graph) -> dict[int, list[tuple[Node, int]]]:
+    """Value id -> every (node, input index) reading it."""
     out: dict[int, list[tuple[Node, int]]] = {}
     for node in graph.nodes:
         for i, v in enumerate(node.inputs):
@@ -146,7 +147,8 @@ def _readers(graph: Graph) -> dict[int, list[tuple[Node, int]]]:
     return out
 
 
-def _is_static(plan: SitePlan | None) -> bool:
+def is_static(plan: SitePlan | None) -> bool:
+    """The site runs int8 with calibrated activation parameters."""
     return plan is not None and plan.quantized and plan.act_mode == "static"
 
 
@@ -191,13 +193,13 @@ def _walk(
 def find_chains(graph: Graph, plans: Mapping[str, SitePlan]) -> list[Chain]:
     """Every producer -> folded ops -> int8 consumers chain of the graph, and every chain a
     site's own output quantization ends (module doc)."""
-    readers = _readers(graph)
+    readers = value_readers(graph)
     outputs = {v.id for v in graph.outputs}
     site_of = {id(s.node): s for s in graph.sites}
     chains = []
     for site in graph.sites:
         plan = plans.get(site.name)
-        if not _is_static(plan) or site.node.outputs[0].aval.dtype != np.float32:
+        if not is_static(plan) or site.node.outputs[0].aval.dtype != np.float32:
             continue
         walk = _walk(site, readers, outputs, site_of)
         consumers = _consumers(walk.end, readers, outputs, site_of, plans)
@@ -214,7 +216,7 @@ def unfused_sites(graph: Graph, static: Collection[str]) -> dict[str, str | None
     Maps each to a static site that also reads that value as its activation (so the
     output can share its quantization), or None.
     """
-    readers = _readers(graph)
+    readers = value_readers(graph)
     outputs = {v.id for v in graph.outputs}
     site_of = {id(s.node): s for s in graph.sites}
     static = set(static)
@@ -229,7 +231,7 @@ def unfused_sites(graph: Graph, static: Collection[str]) -> dict[str, str | None
         takers = [
             t.name
             for node, i in reading
-            if (t := _activation_reader(node, i, site_of, static.__contains__)) is not None
+            if (t := activation_reader(node, i, site_of, static.__contains__)) is not None
         ]
         if len(takers) < len(reading):
             found[site.name] = takers[0] if takers else None
@@ -239,7 +241,7 @@ def unfused_sites(graph: Graph, static: Collection[str]) -> dict[str, str | None
 def chain_ends(graph: Graph, names: Collection[str]) -> dict[str, tuple[Site, Value]]:
     """For each named site, the value its requantize would produce: its output after the
     foldable ops."""
-    readers, outputs = _readers(graph), {v.id for v in graph.outputs}
+    readers, outputs = value_readers(graph), {v.id for v in graph.outputs}
     site_nodes = {id(s.node) for s in graph.sites}
     return {
         s.name: (s, _walk(s, readers, outputs, site_nodes).end)
@@ -248,7 +250,7 @@ def chain_ends(graph: Graph, names: Collection[str]) -> dict[str, tuple[Site, Va
     }
 
 
-def _activation_reader(
+def activation_reader(
     node: Node, index: int, site_of: Mapping[int, Site], static: Callable[[str], bool]
 ) -> Site | None:
     """The static site `node` is, when it reads input `index` as its activation."""
@@ -271,7 +273,7 @@ def _consumers(
         return ()
     sites = []
     for node, i in readers[value.id]:
-        site = _activation_reader(node, i, site_of, lambda n: _is_static(plans.get(n)))
+        site = activation_reader(node, i, site_of, lambda n: is_static(plans.get(n)))
         if site is None:
             return ()
         sites.append(site)

@@ -9,10 +9,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxptq import kernels, requant
+from jaxptq import kernels, qadd, requant
 from jaxptq.arg_pack import ArgPack
 from jaxptq.graph import Graph, Site, build_graph, evaluate
 from jaxptq.plan import QuantPlan, SitePlan
+from jaxptq.targets import TARGETS
 
 
 def _shape_key(flat: list[Any], tree: Any) -> tuple[Any, ...]:
@@ -128,15 +129,19 @@ class QuantizedFunction:
         }
         codes_in = {t.name for c in chains for t in c.consumers}
         forward = {id(n): i for c in chains for n, i in zip(c.folded, c.running, strict=True)}
+        add_nodes = qadd.add_nodes(graph, self.plan.adds)
+        signed = not TARGETS[self.plan.config.full_quant_param.target_device].act_unsigned
+        all_add_args = {a.name: qadd.add_args(a, signed) for a in self.plan.adds}
 
         const_arrays = [np.asarray(v.const) for v in consts]
         pack = ArgPack(
-            (all_site_args, chain_arrays, dequant_arrays, const_arrays), _is_integer_weight
+            (all_site_args, chain_arrays, dequant_arrays, const_arrays, all_add_args),
+            _is_integer_weight,
         )
         n_params = len(pack.args)
 
         def run(*params_and_args: Any) -> Any:
-            site_args, fused_args, dequant_args, const_arrays = pack.unpack(
+            site_args, fused_args, dequant_args, const_arrays, add_args = pack.unpack(
                 *params_and_args[:n_params]
             )
             flat_args = params_and_args[n_params:]
@@ -153,8 +158,12 @@ class QuantizedFunction:
                 rules[id(site.node)] = functools.partial(
                     _call_kernel, apply, sp, site_args[sp.name]
                 )
+            adds = {
+                id(node): functools.partial(qadd.apply, add_args[name])
+                for name, node in add_nodes.items()
+            }
             env = {v.id: c for v, c in zip(consts, const_arrays, strict=True)}
-            outs = evaluate(graph, env, flat_args, rules, forward)
+            outs = evaluate(graph, env, flat_args, rules, forward, node_rules=adds)
             return jax.tree_util.tree_unflatten(graph.out_tree, outs)
 
         program = _Program(jax.jit(run), pack.args)

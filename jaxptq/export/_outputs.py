@@ -1,9 +1,11 @@
-"""The site outputs a plan quantizes (`SitePlan.out_act_scale`), as ONNX tensors to quantize.
+"""The outputs a plan quantizes, as ONNX tensors to quantize: site outputs
+(`SitePlan.out_act_scale`) and the outputs of Adds run on codes (`QuantPlan.adds`).
 
 The JAX program requantizes such a site's output after the ops that fold into it (its
-bias, a Relu/Clip: `requant.Chain`) and hands the dequantized codes on; the export puts
-`Q -> DQ` on the same tensor, so a runtime fuses `DQ -> Conv -> Q` and computes the same
-codes.
+bias, a Relu/Clip: `requant.Chain`) and hands the dequantized codes on, and computes such
+an Add's codes as `QLinearAdd` does (`jaxptq.qadd`); the export puts `Q -> DQ` on the same
+tensors, so a runtime fuses `DQ -> Conv -> Q` and `DQ, DQ -> Add -> Q` and computes the
+same codes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from jaxptq import requant
 from jaxptq.export._context import SiteRef, clip_reader, make_context
 from jaxptq.export._qparams import ActQuant, act_quant_from
 from jaxptq.graph import Graph
+from jaxptq.importers.onnx._function import nodes_by_site_name
 from jaxptq.plan import QuantPlan
 from jaxptq.targets import TargetProfile
 
@@ -49,4 +52,7 @@ def planned_outputs(
         bounded = any(n.primitive.name in _BOUNDS for n in chain.folded)
         tensor = (clip_reader(ctx, y) if bounded else None) or y
         found[tensor] = act_quant_from(sp.out_act_scale, sp.out_act_zero_point, target)
+    nodes = nodes_by_site_name(model)
+    for add in plan.adds:
+        found[nodes[add.name].output[0]] = act_quant_from(add.out_scale, add.out_zero_point, target)
     return found

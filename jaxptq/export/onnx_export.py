@@ -36,7 +36,21 @@ def resolve_target(qfn: QuantizedFunction, target: str | None) -> TargetProfile:
 
 
 def check_plan_fits(qfn: QuantizedFunction, target: TargetProfile) -> None:
-    """A plan made for asymmetric activations cannot be exported to a symmetric target."""
+    """A plan made for asymmetric activations cannot be exported to a symmetric target;
+    one whose Adds run on codes of the other signedness still exports, with a warning."""
+    planned = qfn.plan.config.full_quant_param.target_device
+    if qfn.plan.adds and TARGETS[planned].act_unsigned != target.act_unsigned:
+        logger.warning(
+            "the plan computes its %d Adds as %s's runtime does, on %s codes; %s's runtime "
+            "rounds them on %s codes, so its outputs can differ slightly (ptq with "
+            "target_device=%r agrees exactly)",
+            len(qfn.plan.adds),
+            planned,
+            "uint8" if TARGETS[planned].act_unsigned else "int8",
+            target.name,
+            "uint8" if target.act_unsigned else "int8",
+            target.name,
+        )
     if not target.act_symmetric:
         return
     for sp in qfn.plan.quantized_sites:
@@ -137,6 +151,7 @@ def build_model(
 
         # Output quantization is planned for imported models only (`passes.full`).
         planned = [sp.name for sp in qfn.plan.sites if sp.out_act_scale is not None]
+        planned += [a.name for a in qfn.plan.adds]
         if planned:
             raise NotImplementedError(
                 f"site `{planned[0]}` quantizes its output, which only an imported ONNX "

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxptq import qmath, requant
+from jaxptq import qadd, qmath, requant
 from jaxptq.config import QuantConfig
 from jaxptq.graph import Site
 from jaxptq.passes.bias_correction import apply_bias_correction
 from jaxptq.passes.common import skip_reason, skipped_site_plan, weight_site_plan
-from jaxptq.plan import SitePlan
+from jaxptq.plan import AddPlan, SitePlan
 from jaxptq.probe import output_key, site_inputs, takes_any_batch
 from jaxptq.rewrite import GraphCache
 from jaxptq.targets import TARGETS
@@ -40,8 +40,9 @@ def plan_full_quant(
     in_tree: Any,
     samples: Sequence[tuple[Any, ...]],
     progress: bool = True,
-) -> tuple[list[SitePlan], Any]:
-    """Calibrates every eligible site's input range, then plans int8 sites."""
+) -> tuple[list[SitePlan], list[AddPlan], Any]:
+    """Calibrates every eligible site's input range, then plans int8 sites, and for a
+    target the Adds its runtime computes on codes."""
     from jaxptq.calibrate import calibrate
 
     full = config.full_quant_param
@@ -53,7 +54,8 @@ def plan_full_quant(
             )
     eligible = [s.name for s in sites if reasons[s.name] is None]
     target = TARGETS[full.target_device]
-    unfused = _integer_outputs(graphs, eligible) if target.quantize_outputs else {}
+    op_types = _imported_op_types(graphs) if target.quantize_outputs else {}
+    unfused = _integer_outputs(graphs, eligible, op_types)
     own_range = [name for name, reader in unfused.items() if reader is None]
     per_row = not takes_any_batch(graphs, in_tree, samples[0])
     result = calibrate(
@@ -80,7 +82,12 @@ def plan_full_quant(
     _quantize_outputs(plans, unfused, result, target.act_symmetric)
     if full.bias_correction:
         apply_bias_correction(graphs, in_tree, sites, plans, samples)
-    return plans, result
+    adds = qadd.plan_adds(
+        graphs.first(),
+        {p.name: p for p in plans},
+        lambda node: op_types.get(node.scope) == "Add",
+    )
+    return plans, adds, result
 
 
 # ONNX nodes that carry their own bias, so a runtime computes `DQ -> node -> Q` as one
@@ -88,18 +95,27 @@ def plan_full_quant(
 _INTEGER_OUTPUT_OPS = ("Conv", "Gemm")
 
 
-def _integer_outputs(graphs: GraphCache, static: list[str]) -> dict[str, str | None]:
+def _imported_op_types(graphs: GraphCache) -> dict[str, str]:
+    """The ONNX op type of each node of an imported model, under its sites' name; {} for a
+    JAX function, whose nodes the export translates (its biases and layout transposes are
+    nodes of their own, which a runtime does not fuse)."""
+    op_types = getattr(graphs.fn, "site_op_types", None)
+    return {} if op_types is None else op_types()
+
+
+def _integer_outputs(
+    graphs: GraphCache, static: list[str], op_types: dict[str, str]
+) -> dict[str, str | None]:
     """The static sites whose float-fed outputs the target computes as int8
     (`requant.unfused_sites`): those of an imported ONNX model's Conv and Gemm nodes, which
-    its export keeps. A MatMul with a separate bias Add, and every node translated from a
-    JAX function (its bias and layout transposes are nodes of their own), stay float ops in
-    the runtime, so their outputs are not rounded either."""
-    op_types = getattr(graphs.fn, "site_op_types", None)
-    if op_types is None:
+    its export keeps. A MatMul with a separate bias Add stays a float op in the runtime, so
+    its output is not rounded either."""
+    if not op_types:
         return {}
-    ops = op_types()
     found = requant.unfused_sites(graphs.first(), static)
-    return {name: reader for name, reader in found.items() if ops.get(name) in _INTEGER_OUTPUT_OPS}
+    return {
+        name: reader for name, reader in found.items() if op_types.get(name) in _INTEGER_OUTPUT_OPS
+    }
 
 
 def _quantize_outputs(
