@@ -41,7 +41,7 @@ import numpy as np
 from jaxptq import atomic, kernels
 from jaxptq.graph import Graph, Site, bind, evaluate
 from jaxptq.layout import site_layout
-from jaxptq.plan import SitePlan
+from jaxptq.plan import AddPlan, SitePlan
 from jaxptq.rewrite import QuantizedFunction
 
 logger = logging.getLogger(__name__)
@@ -320,17 +320,16 @@ def _activation_segments(matched: list[tuple[Site, SitePlan]]) -> _Segments:
 
 
 def _onnx_nodes(fn: Any) -> dict[str, Any]:
-    """An imported ONNX model's nodes by the name their sites get: the node's name (or
-    `OpType_index`) as a JAX name stack spells it, without empty `/` parts."""
+    """An imported ONNX model's nodes by the name their sites get ({} for a JAX function)."""
+    import onnx
+
+    from jaxptq.importers.onnx._function import nodes_by_site_name
+
     model = getattr(fn, "model", None)
-    graph = getattr(model, "graph", None)
-    if graph is None:
+    if not isinstance(model, onnx.ModelProto):
         return {}
-    nodes = {}
-    for i, node in enumerate(graph.node):
-        name = node.name or f"{node.op_type}_{i}"
-        nodes["/".join(p for p in name.split("/") if p)] = node
-    return nodes
+
+    return dict(nodes_by_site_name(model))
 
 
 def _names(site: Site, nodes: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -409,6 +408,21 @@ def _quant_param_rows(
             [site.name, node_type, w_name, sp.weight_elements, " ".join(map(str, sp.weight_shape)),
              _per_channel(sp.weight_scale), _per_channel(np.zeros(sp.weight_scale.size, int)),
              sp.bits, var_corr, mean_corr]
+        )  # fmt: skip
+    return rows
+
+
+def _add_param_rows(adds: list[AddPlan], graph: Graph, nodes: dict[str, Any]) -> list[list[Any]]:
+    """One row per Add run on codes (`QuantPlan.adds`): its output's quantization."""
+    shapes = {n.scope: tuple(n.outputs[0].aval.shape) for n in graph.nodes}
+    rows: list[list[Any]] = []
+    for add in adds:
+        node = nodes.get(add.name)
+        y_name = node.output[0] if node is not None else f"{add.name}/output"
+        shape = shapes.get(add.name, ())
+        rows.append(
+            [add.name, "Add", y_name, int(np.prod(shape)), " ".join(map(str, shape)),
+             float(add.out_scale), int(add.out_zero_point), 8, 1.0, 0.0]
         )  # fmt: skip
     return rows
 
@@ -506,7 +520,10 @@ def write_debug_report(
     )
     atomic.write_bytes(
         folder / "quant_param.csv",
-        _csv_bytes(QUANT_PARAM_COLUMNS, _quant_param_rows(matched, nodes)),
+        _csv_bytes(
+            QUANT_PARAM_COLUMNS,
+            _quant_param_rows(matched, nodes) + _add_param_rows(qfn.plan.adds, graph, nodes),
+        ),
     )
     cosines = {name: total / len(samples) for name, total in cos_sum.items()}
     _write_pictures(folder, matched, cosines, hists)

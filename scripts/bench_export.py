@@ -89,11 +89,11 @@ def latency_ms(run: Callable[[], Any], repeats: int) -> float:
     return 1000 * min(times)
 
 
-def interleaved_latency_ms(runs: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Best of `repeats` runs of each of `runs`, all timed in the same loop: every round
-    calls each once, in an order drawn per round, so every model sees the same load.
-    Timed one model after the other, onnxruntime's own models (timed first) and ours had
-    swapped places between two runs on this shared machine."""
+def interleaved_times_ms(runs: list[Callable[[], Any]], repeats: int) -> np.ndarray:
+    """(repeats, len(runs)) times of `runs`, all timed in the same loop: every round calls
+    each once, in an order drawn per round, so every model sees the same load. Timed one
+    model after the other, onnxruntime's own models (timed first) and ours had swapped
+    places between two runs on this shared machine."""
     for run in runs:
         run()
         run()
@@ -104,7 +104,18 @@ def interleaved_latency_ms(runs: list[Callable[[], Any]], repeats: int) -> list[
             t = time.perf_counter()
             runs[i]()
             times[i].append(time.perf_counter() - t)
-    return [1000 * min(t) for t in times]
+    return 1000 * np.array(times).T
+
+
+def paired_ratio(times: np.ndarray, ours: int, base: int) -> tuple[float, float, float]:
+    """Median over rounds of `ours`' time over `base`'s in the same round, with a bootstrap
+    95% interval: on this shared VM a model's median is twice its best, and the load moves
+    within a run, so a ratio per round compares like with like."""
+    ratios = times[:, ours] / times[:, base]
+    rng = np.random.default_rng(0)
+    boot = [np.median(rng.choice(ratios, len(ratios))) for _ in range(1000)]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(np.median(ratios)), float(lo), float(hi)
 
 
 def _first_rows(run: Callable[[np.ndarray], Any], x: np.ndarray, n: int) -> Any:
@@ -190,14 +201,16 @@ def main() -> None:
 
         runs.append(run)
         all_logits.append(predict(run, xe))
-    by_batch = [
-        interleaved_latency_ms(
-            [functools.partial(_first_rows, r, xe, n) for r in runs], args.repeats
+    # batch 1 is cheap: five times the rounds
+    all_times = [
+        interleaved_times_ms(
+            [functools.partial(_first_rows, r, xe, n) for r in runs],
+            args.repeats * (5 if n == 1 else 1),
         )
         for n in (1, 32)
     ]
     rows = [
-        (name, logits, [by_batch[0][i], by_batch[1][i]])
+        (name, logits, [all_times[0][:, i].min(), all_times[1][:, i].min()])
         for i, (name, logits) in enumerate(zip(sessions, all_logits, strict=True))
     ]
 
@@ -251,6 +264,20 @@ def main() -> None:
             f"{agree(logits, qfn_logits):.2f} | {cos(logits, qfn_logits):.5f} | "
             f"{lat[0]:.2f} | {lat[1]:.1f} | {lat[0] / base[0]:.2f}x | {lat[1] / base[1]:.2f}x |"
         )
+    print(
+        "\n| per round, vs onnxruntime's int8 model with the lower median | batch 1: median "
+        "ratio (95% CI) | batch 32: median ratio (95% CI) |"
+    )
+    print("|---|---|---|")
+    for i, name in enumerate(sessions):
+        if not name.startswith("jaxptq"):
+            continue
+        cells = []
+        for times in all_times:
+            fastest = 1 + int(np.argmin(np.median(times[:, 1:3], axis=0)))
+            median, lo, hi = paired_ratio(times, i, fastest)
+            cells.append(f"{median:.3f}x ({lo:.3f}-{hi:.3f})")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
     print(
         "\n| XLA CPU | top-1 % | batch 1 ms, best (float / int8) | "
         "batch 32 ms, best (float / int8) | int8 / float |"

@@ -3,6 +3,7 @@ bit for bit, and a plan for a target runs a real model's residual Add the runtim
 
 from __future__ import annotations
 
+import csv
 import pathlib
 from collections import Counter
 from fractions import Fraction
@@ -192,3 +193,22 @@ def test_no_target_no_integer_adds(tmp_path):
     samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
     qfn = ptq(import_onnx(src), samples, {"quant_type": "FULL_QUANT"})
     assert qfn.plan.adds == []
+
+
+def test_debug_report_lists_the_adds_quantization(tmp_path):
+    src = _residual(tmp_path / "residual.onnx")
+    rng = np.random.default_rng(2)
+    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    debug = tmp_path / "debug"
+    config = {
+        "quant_type": "FULL_QUANT",
+        "target_device": "DSP",
+        "debug_info_save_path": str(debug),
+    }
+    qfn = ptq(import_onnx(src), samples, config)
+    with open(debug / "quant_param.csv", newline="") as f:
+        (row,) = [r for r in csv.DictReader(f) if r["NodeType"] == "Add"]
+    (add,) = qfn.plan.adds
+    assert (row["NodeName"], row["TensorName"], row["Dims"]) == ("skip", "s", "8 8 8 8")
+    assert float(row["Scale"]) == pytest.approx(add.out_scale, rel=1e-7)
+    assert int(row["ZeroPoint"]) == add.out_zero_point
