@@ -173,17 +173,20 @@ def test_target_plan_runs_the_residual_add_on_codes(tmp_path, target):
     loaded = QuantPlan.load(tmp_path / "plan")
     assert [a.to_json() for a in loaded.adds] == [add.to_json()]
     np.testing.assert_array_equal(np.asarray(apply_plan(fn, loaded, samples[0])(x)), want)
-    # onnxruntime runs it as QLinearAdd and computes the same logits
+    # onnxruntime runs it as QLinearAdd and computes the same logits; the QOperator form
+    # writes the QLinearAdd itself, so int8 codes need no session option there
     options = {"session.qdqisint8allowed": "1"} if target == "ASCEND" else {}
     for form in ("qdq", "qoperator"):
         path = export_onnx(qfn, tmp_path / f"{form}.onnx", form=form)
         so = ort.SessionOptions()
-        for key, value in options.items():
+        for key, value in options.items() if form == "qdq" else ():
             so.add_session_config_entry(key, value)
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         got = sess.run(None, {"x": x})[0]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert _runtime_ops(tmp_path / "qdq.onnx", tmp_path, options)["QLinearAdd"] == 1
+    written = Counter(n.op_type for n in onnx.load(str(tmp_path / "qoperator.onnx")).graph.node)
+    assert written["QLinearAdd"] == 1 and written["Add"] == 0
 
 
 def test_no_target_no_integer_adds(tmp_path):

@@ -175,3 +175,36 @@ def _integer_then_rescale(
         add, (out,) = b.node("Add", [out, const], f"{name}_{what}_add")
         post.append(add)
     post[-1].output[0] = node.output[0]
+
+
+def qlinear_add(ctx: Ctx, node: onnx.NodeProto, aq: ActQuant, out: list) -> bool:
+    """An Add whose inputs a QLinear node already produced as codes, and whose output the
+    plan quantizes (`jaxptq.qadd`), as onnxruntime's `com.microsoft.QLinearAdd` on those
+    codes, then `DequantizeLinear` under the Add's output name; False (nothing emitted)
+    when an input has no codes."""
+    if node.op_type != "Add" or len(node.input) != 2:
+        return False
+    hits = [ctx.quantized.get(x) for x in node.input]
+    if any(h is None for h in hits):
+        return False
+    (aq_, as_, az, _), (bq, bs, bz, _) = hits  # type: ignore[misc]
+    b, y = ctx.b, node.output[0]
+    cs = b.const(f"{node.name}_y_scale", np.float32(aq.scale))
+    cz = b.const(f"{node.name}_y_zero_point", aq.zero_point)
+    cq = b.fresh(f"{y}_quantized")
+    out.append(
+        helper.make_node(
+            "QLinearAdd",
+            [aq_, as_, az, bq, bs, bz, cs, cz],
+            [cq],
+            name=node.name,
+            domain="com.microsoft",
+        )
+    )
+    out.append(
+        helper.make_node(
+            "DequantizeLinear", [cq, cs, cz], [y], name=b.fresh(f"{node.name}_y_DequantizeLinear")
+        )
+    )
+    ctx.quantized[y] = (cq, cs, cz, aq)
+    return True

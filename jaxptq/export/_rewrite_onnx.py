@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import onnx
+from onnx import helper
 
 from jaxptq.export._context import (
     Ctx,
@@ -23,7 +24,7 @@ from jaxptq.export._context import (
     site_reader_quant,
 )
 from jaxptq.export._qdq import qdq_site, quantize_output
-from jaxptq.export._qoperator import qop_site
+from jaxptq.export._qoperator import qlinear_add, qop_site
 from jaxptq.export._qparams import ActQuant
 from jaxptq.targets import TargetProfile
 
@@ -86,10 +87,13 @@ def quantize_graph(
     for node in list(graph.node):
         ref = refs.get(node.name)
         if ref is None or not ref.plan.quantized:
+            aq = ctx.extra.get(node.output[0]) if node.output else None
+            if aq is not None and form == "qoperator" and qlinear_add(ctx, node, aq, nodes):
+                continue
             nodes.append(node)
-            if node.output and node.output[0] in ctx.extra:
+            if aq is not None:
                 post: list[onnx.NodeProto] = []
-                quantize_output(ctx, node, ctx.extra[node.output[0]], post)
+                quantize_output(ctx, node, aq, post)
                 nodes.extend(post)
             continue
         pre: list[onnx.NodeProto] = []
@@ -106,6 +110,10 @@ def quantize_graph(
     graph.node.extend(nodes)
     graph.initializer.extend(ctx.b.initializers)
     prune(graph)
+    if any(n.domain == "com.microsoft" for n in graph.node) and not any(
+        o.domain == "com.microsoft" for o in out.opset_import
+    ):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
 
 
