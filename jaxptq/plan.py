@@ -219,7 +219,15 @@ class QuantPlan:
             _site_from_json(i, d, arrays, config.common_quant_param.enable_encode)
             for i, d in enumerate(meta["sites"])
         ]
-        adds = [AddPlan.from_json(d) for d in meta.get("adds", [])]
+        adds = []
+        for i, d in enumerate(meta.get("adds", [])):
+            try:
+                adds.append(AddPlan.from_json(d))
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                raise ValueError(
+                    f"{meta_file}: `adds[{i}]` is not an Add plan ({type(err).__name__}: "
+                    f"{err}); expected the fields {[f.name for f in dataclasses.fields(AddPlan)]}."
+                ) from err
         return cls(config, sites, list(meta.get("notes", [])), adds)
 
     def _to_json_and_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

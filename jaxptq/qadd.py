@@ -23,6 +23,7 @@ pair of codes. MLAS's SSE2 and NEON kernels round differently and can differ by 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -102,13 +103,18 @@ def apply(args: Args, vals: list[Any]) -> Any:
 def _quantized_ends(graph: Graph, plans: Mapping[str, SitePlan]) -> dict[int, tuple[float, int]]:
     """Value id -> (scale, zero point) for every value the program hands on as dequantized
     codes: the ends of chains a site's own output quantization ends."""
-    found = {}
-    for chain in requant.find_chains(graph, plans):
-        sp = plans[chain.producer.name]
-        if not chain.consumers and sp.out_act_scale is not None:
-            assert sp.out_act_zero_point is not None
-            found[chain.end.id] = (sp.out_act_scale, sp.out_act_zero_point)
-    return found
+    return {
+        chain.end.id: requant.chain_quant(chain, plans)
+        for chain in requant.find_chains(graph, plans)
+        if not chain.consumers
+    }
+
+
+def _lone_adds(graph: Graph) -> list[Node]:
+    """The `add` nodes alone in their scope, so a scope names one (`AddPlan.name`)."""
+    adds = [n for n in graph.nodes if n.primitive.name == "add"]
+    count = Counter(n.scope for n in adds)
+    return [n for n in adds if count[n.scope] == 1]
 
 
 def plan_adds(
@@ -120,57 +126,36 @@ def plan_adds(
     activation. The output takes that site's quantization, so the site reads the codes as
     they are."""
     quant = _quantized_ends(graph, plans)
-    readers = requant.value_readers(graph)
-    outputs = {v.id for v in graph.outputs}
-    site_of = {id(s.node): s for s in graph.sites}
-    per_scope: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.primitive.name == "add":
-            per_scope[node.scope] = per_scope.get(node.scope, 0) + 1
+    ix = requant.GraphIndex.of(graph)
+
+    def static(name: str) -> bool:
+        return requant.is_static(plans.get(name))
+
     adds = []
-    for node in graph.nodes:
-        if node.primitive.name != "add" or per_scope[node.scope] != 1 or not is_add(node):
-            continue
+    for node in _lone_adds(graph):
         a, b = node.inputs
         y = node.outputs[0]
-        if a.id not in quant or b.id not in quant or y.id in outputs:
+        if not is_add(node) or a.id not in quant or b.id not in quant or y.id in ix.outputs:
             continue
         if not a.aval.shape == b.aval.shape == y.aval.shape or y.aval.dtype != np.float32:
             continue
-        reader = next(
-            (
-                plans[site.name]
-                for reader_node, i in readers.get(y.id, [])
-                if (site := requant.activation_reader(reader_node, i, site_of, _static(plans)))
-            ),
-            None,
-        )
-        if reader is None:
+        readers = (ix.activation_reader(n, i, static) for n, i in ix.readers.get(y.id, []))
+        site = next((r for r in readers if r is not None), None)
+        if site is None:
             continue
+        reader = plans[site.name]
         assert reader.act_scale is not None and reader.act_zero_point is not None
         assert reader.act_range is not None
         (s_a, z_a), (s_b, z_b) = quant[a.id], quant[b.id]
-        adds.append(
-            AddPlan(
-                node.scope,
-                (s_a, s_b),
-                (z_a, z_b),
-                reader.act_scale,
-                reader.act_zero_point,
-                reader.act_range,
-            )
-        )
-        quant[y.id] = (reader.act_scale, reader.act_zero_point)
+        out = (reader.act_scale, reader.act_zero_point)
+        adds.append(AddPlan(node.scope, (s_a, s_b), (z_a, z_b), *out, reader.act_range))
+        quant[y.id] = out
     return adds
-
-
-def _static(plans: Mapping[str, SitePlan]) -> Callable[[str], bool]:
-    return lambda name: requant.is_static(plans.get(name))
 
 
 def add_nodes(graph: Graph, adds: list[AddPlan]) -> dict[str, Node]:
     """The `add` node of each planned Add, by name (its scope)."""
-    by_scope = {n.scope: n for n in graph.nodes if n.primitive.name == "add"}
+    by_scope = {n.scope: n for n in _lone_adds(graph)}
     missing = [ap.name for ap in adds if ap.name not in by_scope]
     if missing:
         raise ValueError(

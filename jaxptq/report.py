@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxptq import atomic, kernels
+from jaxptq import atomic, kernels, qadd
 from jaxptq.graph import Graph, Site, bind, evaluate
 from jaxptq.layout import site_layout
 from jaxptq.plan import AddPlan, SitePlan
@@ -326,10 +326,7 @@ def _onnx_nodes(fn: Any) -> dict[str, Any]:
     from jaxptq.importers.onnx._function import nodes_by_site_name
 
     model = getattr(fn, "model", None)
-    if not isinstance(model, onnx.ModelProto):
-        return {}
-
-    return dict(nodes_by_site_name(model))
+    return nodes_by_site_name(model) if isinstance(model, onnx.ModelProto) else {}
 
 
 def _names(site: Site, nodes: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -414,12 +411,12 @@ def _quant_param_rows(
 
 def _add_param_rows(adds: list[AddPlan], graph: Graph, nodes: dict[str, Any]) -> list[list[Any]]:
     """One row per Add run on codes (`QuantPlan.adds`): its output's quantization."""
-    shapes = {n.scope: tuple(n.outputs[0].aval.shape) for n in graph.nodes}
+    traced = qadd.add_nodes(graph, adds)
     rows: list[list[Any]] = []
     for add in adds:
         node = nodes.get(add.name)
         y_name = node.output[0] if node is not None else f"{add.name}/output"
-        shape = shapes.get(add.name, ())
+        shape = tuple(traced[add.name].outputs[0].aval.shape)
         rows.append(
             [add.name, "Add", y_name, int(np.prod(shape)), " ".join(map(str, shape)),
              float(add.out_scale), int(add.out_zero_point), 8, 1.0, 0.0]

@@ -137,14 +137,30 @@ _FOLD: dict[str, Callable[[_Affine, Node, int, Any, set[int]], bool]] = {
 }
 
 
-def value_readers(graph: Graph) -> dict[int, list[tuple[Node, int]]]:
-    """Value id -> every (node, input index) reading it."""
-    out: dict[int, list[tuple[Node, int]]] = {}
-    for node in graph.nodes:
-        for i, v in enumerate(node.inputs):
-            if not v.is_const:
-                out.setdefault(v.id, []).append((node, i))
-    return out
+class GraphIndex(NamedTuple):
+    """Who reads what in a graph, built once for a walk over many sites."""
+
+    readers: dict[int, list[tuple[Node, int]]]  # value id -> every (node, input index)
+    outputs: set[int]  # the graph's output value ids
+    site_of: dict[int, Site]  # id(node) -> the site it is
+
+    @classmethod
+    def of(cls, graph: Graph) -> GraphIndex:
+        readers: dict[int, list[tuple[Node, int]]] = {}
+        for node in graph.nodes:
+            for i, v in enumerate(node.inputs):
+                if not v.is_const:
+                    readers.setdefault(v.id, []).append((node, i))
+        return cls(readers, {v.id for v in graph.outputs}, {id(s.node): s for s in graph.sites})
+
+    def activation_reader(
+        self, node: Node, index: int, static: Callable[[str], bool]
+    ) -> Site | None:
+        """The static site `node` is, when it reads input `index` as its activation."""
+        site = self.site_of.get(id(node))
+        if site is None or index != 1 - site.weight_index or not static(site.name):
+            return None
+        return site
 
 
 def is_static(plan: SitePlan | None) -> bool:
@@ -159,12 +175,7 @@ class _Walk(NamedTuple):
     end: Value  # the last value of the chain
 
 
-def _walk(
-    site: Site,
-    readers: Mapping[int, list[tuple[Node, int]]],
-    outputs: set[int],
-    site_nodes: Collection[int],
-) -> _Walk:
+def _walk(site: Site, ix: GraphIndex) -> _Walk:
     """The elementwise ops after `site` that fold into its requantize (module doc)."""
     value = site.node.outputs[0]
     shape = tuple(value.aval.shape)
@@ -173,9 +184,9 @@ def _walk(
     state = _Affine()
     folded: list[Node] = []
     running: list[int] = []
-    while value.id not in outputs:
-        nexts = readers.get(value.id, [])
-        if len(nexts) != 1 or id(nexts[0][0]) in site_nodes:
+    while value.id not in ix.outputs:
+        nexts = ix.readers.get(value.id, [])
+        if len(nexts) != 1 or id(nexts[0][0]) in ix.site_of:
             break
         node, i = nexts[0]
         fold = _FOLD.get(node.primitive.name)
@@ -193,16 +204,14 @@ def _walk(
 def find_chains(graph: Graph, plans: Mapping[str, SitePlan]) -> list[Chain]:
     """Every producer -> folded ops -> int8 consumers chain of the graph, and every chain a
     site's own output quantization ends (module doc)."""
-    readers = value_readers(graph)
-    outputs = {v.id for v in graph.outputs}
-    site_of = {id(s.node): s for s in graph.sites}
+    ix = GraphIndex.of(graph)
     chains = []
     for site in graph.sites:
         plan = plans.get(site.name)
         if not is_static(plan) or site.node.outputs[0].aval.dtype != np.float32:
             continue
-        walk = _walk(site, readers, outputs, site_of)
-        consumers = _consumers(walk.end, readers, outputs, site_of, plans)
+        walk = _walk(site, ix)
+        consumers = _consumers(walk.end, ix, plans)
         if consumers or (plan is not None and plan.out_act_scale is not None):
             chains.append(Chain(site, walk.folded, walk.running, consumers, walk.affine))
     return chains
@@ -216,22 +225,20 @@ def unfused_sites(graph: Graph, static: Collection[str]) -> dict[str, str | None
     Maps each to a static site that also reads that value as its activation (so the
     output can share its quantization), or None.
     """
-    readers = value_readers(graph)
-    outputs = {v.id for v in graph.outputs}
-    site_of = {id(s.node): s for s in graph.sites}
+    ix = GraphIndex.of(graph)
     static = set(static)
     found: dict[str, str | None] = {}
     for site in graph.sites:
         if site.name not in static or site.node.outputs[0].aval.dtype != np.float32:
             continue
-        end = _walk(site, readers, outputs, site_of).end
-        if end.id in outputs:
+        end = _walk(site, ix).end
+        if end.id in ix.outputs:
             continue
-        reading = readers.get(end.id, [])
+        reading = ix.readers.get(end.id, [])
         takers = [
             t.name
             for node, i in reading
-            if (t := activation_reader(node, i, site_of, static.__contains__)) is not None
+            if (t := ix.activation_reader(node, i, static.__contains__)) is not None
         ]
         if len(takers) < len(reading):
             found[site.name] = takers[0] if takers else None
@@ -241,39 +248,18 @@ def unfused_sites(graph: Graph, static: Collection[str]) -> dict[str, str | None
 def chain_ends(graph: Graph, names: Collection[str]) -> dict[str, tuple[Site, Value]]:
     """For each named site, the value its requantize would produce: its output after the
     foldable ops."""
-    readers, outputs = value_readers(graph), {v.id for v in graph.outputs}
-    site_nodes = {id(s.node) for s in graph.sites}
-    return {
-        s.name: (s, _walk(s, readers, outputs, site_nodes).end)
-        for s in graph.sites
-        if s.name in names
-    }
+    ix = GraphIndex.of(graph)
+    return {s.name: (s, _walk(s, ix).end) for s in graph.sites if s.name in names}
 
 
-def activation_reader(
-    node: Node, index: int, site_of: Mapping[int, Site], static: Callable[[str], bool]
-) -> Site | None:
-    """The static site `node` is, when it reads input `index` as its activation."""
-    site = site_of.get(id(node))
-    if site is None or index != 1 - site.weight_index or not static(site.name):
-        return None
-    return site
-
-
-def _consumers(
-    value: Value,
-    readers: Mapping[int, list[tuple[Node, int]]],
-    outputs: set[int],
-    site_of: Mapping[int, Site],
-    plans: Mapping[str, SitePlan],
-) -> tuple[Site, ...]:
+def _consumers(value: Value, ix: GraphIndex, plans: Mapping[str, SitePlan]) -> tuple[Site, ...]:
     """The int8 sites that alone read `value` as their activation, with one shared
     quantization; () when anything else reads it."""
-    if value.id in outputs or not readers.get(value.id):
+    if value.id in ix.outputs or not ix.readers.get(value.id):
         return ()
     sites = []
-    for node, i in readers[value.id]:
-        site = activation_reader(node, i, site_of, lambda n: is_static(plans.get(n)))
+    for node, i in ix.readers[value.id]:
+        site = ix.activation_reader(node, i, lambda n: is_static(plans.get(n)))
         if site is None:
             return ()
         sites.append(site)

@@ -75,6 +75,7 @@ class QuantizedFunction:
         self._by_shape: dict[tuple[Any, ...], _Program] = {}
         self._one_array: dict[Any, Callable[[Any], Any]] = {}
         self._site_args: dict[str, dict[str, Any]] | None = None
+        self._add_args: dict[str, dict[str, Any]] | None = None
         functools.update_wrapper(self, fn, updated=())
 
     def __repr__(self) -> str:
@@ -106,6 +107,14 @@ class QuantizedFunction:
             self._site_args = out
         return self._site_args
 
+    def add_args(self) -> dict[str, dict[str, Any]]:
+        """Every Add run on codes' arrays (`qadd.add_args`: its code table, made for the
+        plan's target's integer type), computed once."""
+        if self._add_args is None:
+            signed = not TARGETS[self.plan.config.full_quant_param.target_device].act_unsigned
+            self._add_args = {a.name: qadd.add_args(a, signed) for a in self.plan.adds}
+        return self._add_args
+
     def _program(self, graph: Graph) -> _Program:
         program = self._programs.get(id(graph))
         if program is not None:
@@ -130,8 +139,7 @@ class QuantizedFunction:
         codes_in = {t.name for c in chains for t in c.consumers}
         forward = {id(n): i for c in chains for n, i in zip(c.folded, c.running, strict=True)}
         add_nodes = qadd.add_nodes(graph, self.plan.adds)
-        signed = not TARGETS[self.plan.config.full_quant_param.target_device].act_unsigned
-        all_add_args = {a.name: qadd.add_args(a, signed) for a in self.plan.adds}
+        all_add_args = self.add_args()
 
         const_arrays = [np.asarray(v.const) for v in consts]
         pack = ArgPack(

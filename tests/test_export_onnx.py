@@ -7,13 +7,11 @@ import copy
 import os
 import pathlib
 from collections import Counter
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from flax import nnx
 from onnx import TensorProto, helper, numpy_helper
@@ -23,39 +21,10 @@ from jaxptq.api import ptq
 from jaxptq.export import export_onnx
 from jaxptq.plan import QuantPlan
 from jaxptq.rewrite import QuantizedFunction
+from tests.onnx_checks import SIGNED_INT8, check_agreement, ops, ort_run, runtime_ops
 
 TARGETS = ("CPU", "DSP", "ASCEND", "NVGPU")
 FORMS = ("qdq", "qoperator")
-
-
-# Signed activations run in onnxruntime's int8 kernels as they are, as in the signed
-# targets' own runtimes; on x86 it otherwise converts each QDQ pair to uint8 on its own and
-# leaves a convolution whose pairs came out different in float (docs/export.md).
-SIGNED_INT8 = {"session.qdqisint8allowed": "1"}
-
-
-def ort_run(path: str | os.PathLike[str], x: np.ndarray, **config: str) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    for key, value in config.items():
-        so.add_session_config_entry(key, value)
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
-def check_agreement(want: Any, got: np.ndarray, cos_min: float = 0.9999, top1: float = 0.995):
-    """Row-wise cosine similarity and top-1 agreement of two (N, ..., C) outputs."""
-    a = np.asarray(want, np.float64).reshape(-1, np.shape(want)[-1])
-    b = np.asarray(got, np.float64).reshape(a.shape)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    agree = np.mean(a.argmax(1) == b.argmax(1))
-    assert cos.min() >= cos_min, f"min cosine {cos.min():.6f}"
-    assert agree >= top1, f"top-1 agreement {agree:.4f}"
-    return cos.min(), agree
-
-
-def ops(path: str | os.PathLike[str]) -> Counter:
-    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
 # --- LeNet-5 / MLP trained on digits ---------------------------------------------------------
@@ -379,7 +348,7 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
             # and all 9 residual Adds as QLinearAdd
             model = onnx.load(str(path))
             biases = [t for t in model.graph.initializer if t.data_type == TensorProto.INT32]
-            runtime = _runtime_ops(path, tmp_path)
+            runtime = runtime_ops(path, tmp_path)
             assert len(biases) == runtime["QLinearConv"] == 49
             assert runtime["QLinearAdd"] == 9
         y = np.array([labels[f] for f in eval_files[:20]])
@@ -424,16 +393,6 @@ def test_efficientnet_lite0_exports_agree_and_shrink(shared_data, tmp_path):
     check_agreement(want4, got4, cos_min=0.9999, top1=1.0)
 
 
-def _runtime_ops(path: pathlib.Path, tmp_path: pathlib.Path) -> Counter:
-    """The op types onnxruntime runs after its (hardware-independent) graph fusions."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    so.log_severity_level = 3
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return ops(tmp_path / "optimized.onnx")
-
-
 def test_cpu_target_gemm_runs_as_onnxruntime_qgemm(convnet, tmp_path):
     # A float C kept the Gemm a float Gemm of its dequantized weight; with the bias as an Add
     # after it, onnxruntime takes the integer QGemm (CPU target: float biases).
@@ -442,7 +401,7 @@ def test_cpu_target_gemm_runs_as_onnxruntime_qgemm(convnet, tmp_path):
     samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
     qfn = ptq(import_onnx(src), samples, {"quant_type": "FULL_QUANT", "target_device": "CPU"})
     path = export_onnx(qfn, tmp_path / "cpu.onnx")
-    runtime = _runtime_ops(path, tmp_path)
+    runtime = runtime_ops(path, tmp_path)
     assert runtime["QGemm"] == 1 and runtime["Gemm"] == 0
     check_agreement(qfn(x), ort_run(path, x))
 
@@ -464,7 +423,7 @@ def test_target_plan_quantizes_the_outputs_the_runtime_makes_int8(convnet, tmp_p
     for form in FORMS:
         path = export_onnx(qfn, tmp_path / f"{form}.onnx", form=form)
         if form == "qdq":
-            runtime = _runtime_ops(path, tmp_path)
+            runtime = runtime_ops(path, tmp_path)
             assert runtime["QLinearConv"] == 2 and runtime["Conv"] + runtime["FusedConv"] == 0
         check_agreement(qfn(x), ort_run(path, x), cos_min=0.99999, top1=1.0)
 
@@ -475,11 +434,11 @@ def test_fuse_calib_lets_onnxruntime_run_every_conv_in_integers(convnet, tmp_pat
     samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
     qfn = ptq(import_onnx(src), samples, {"quant_type": "FULL_QUANT"})  # no target
     plain = export_onnx(qfn, tmp_path / "plain.onnx", target="DSP")
-    before = _runtime_ops(plain, tmp_path)
+    before = runtime_ops(plain, tmp_path)
     # conv_b's output only reaches GlobalAveragePool: without its range it stays float.
     assert before["QLinearConv"] == 1 and before["Conv"] + before["FusedConv"] == 1
     fused = export_onnx(qfn, tmp_path / "fused.onnx", target="DSP", fuse_calib=samples)
-    after = _runtime_ops(fused, tmp_path)
+    after = runtime_ops(fused, tmp_path)
     assert after["QLinearConv"] == 2 and after["Conv"] + after["FusedConv"] == 0
     # One more rounding than the JAX program: close, not identical.
     check_agreement(qfn(x), ort_run(fused, x), cos_min=0.999, top1=0.95)

@@ -4,8 +4,8 @@ bit for bit, and a plan for a target runs a real model's residual Add the runtim
 from __future__ import annotations
 
 import csv
+import json
 import pathlib
-from collections import Counter
 from fractions import Fraction
 
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jaxptq import QuantPlan, apply_plan, export_onnx, import_onnx, ptq, qadd, requant
 from jaxptq.plan import AddPlan
+from tests.onnx_checks import SIGNED_INT8, ops, ort_run, runtime_ops
 
 
 def _ort_qlinearadd(plan: AddPlan, signed: bool) -> np.ndarray:
@@ -140,16 +141,6 @@ def _residual(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _runtime_ops(path: pathlib.Path, tmp_path: pathlib.Path, options: dict) -> Counter:
-    so = ort.SessionOptions()
-    for key, value in options.items():
-        so.add_session_config_entry(key, value)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-
-
 @pytest.mark.parametrize("target", ["DSP", "ASCEND"])
 def test_target_plan_runs_the_residual_add_on_codes(tmp_path, target):
     src = _residual(tmp_path / "residual.onnx")
@@ -175,17 +166,13 @@ def test_target_plan_runs_the_residual_add_on_codes(tmp_path, target):
     np.testing.assert_array_equal(np.asarray(apply_plan(fn, loaded, samples[0])(x)), want)
     # onnxruntime runs it as QLinearAdd and computes the same logits; the QOperator form
     # writes the QLinearAdd itself, so int8 codes need no session option there
-    options = {"session.qdqisint8allowed": "1"} if target == "ASCEND" else {}
+    options = SIGNED_INT8 if target == "ASCEND" else {}
     for form in ("qdq", "qoperator"):
         path = export_onnx(qfn, tmp_path / f"{form}.onnx", form=form)
-        so = ort.SessionOptions()
-        for key, value in options.items() if form == "qdq" else ():
-            so.add_session_config_entry(key, value)
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"x": x})[0]
+        got = ort_run(path, x, **(options if form == "qdq" else {}))
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-    assert _runtime_ops(tmp_path / "qdq.onnx", tmp_path, options)["QLinearAdd"] == 1
-    written = Counter(n.op_type for n in onnx.load(str(tmp_path / "qoperator.onnx")).graph.node)
+    assert runtime_ops(tmp_path / "qdq.onnx", tmp_path, **options)["QLinearAdd"] == 1
+    written = ops(tmp_path / "qoperator.onnx")
     assert written["QLinearAdd"] == 1 and written["Add"] == 0
 
 
@@ -215,3 +202,17 @@ def test_debug_report_lists_the_adds_quantization(tmp_path):
     assert (row["NodeName"], row["TensorName"], row["Dims"]) == ("skip", "s", "8 8 8 8")
     assert float(row["Scale"]) == pytest.approx(add.out_scale, rel=1e-7)
     assert int(row["ZeroPoint"]) == add.out_zero_point
+
+
+def test_a_malformed_add_in_a_saved_plan_is_named(tmp_path):
+    src = _residual(tmp_path / "residual.onnx")
+    rng = np.random.default_rng(2)
+    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    qfn = ptq(import_onnx(src), samples, {"quant_type": "FULL_QUANT", "target_device": "DSP"})
+    qfn.plan.save(tmp_path / "plan")
+    meta_file = tmp_path / "plan" / "plan.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["adds"][0]["out_scale"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"plan.json: `adds\[0\]` is not an Add plan.*out_scale"):
+        QuantPlan.load(tmp_path / "plan")

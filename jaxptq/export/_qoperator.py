@@ -187,7 +187,7 @@ def qlinear_add(ctx: Ctx, node: onnx.NodeProto, aq: ActQuant, out: list) -> bool
     hits = [ctx.quantized.get(x) for x in node.input]
     if any(h is None for h in hits):
         return False
-    (aq_, as_, az, _), (bq, bs, bz, _) = hits  # type: ignore[misc]
+    (a_q, a_s, a_z, _), (b_q, b_s, b_z, _) = hits  # type: ignore[misc]
     b, y = ctx.b, node.output[0]
     cs = b.const(f"{node.name}_y_scale", np.float32(aq.scale))
     cz = b.const(f"{node.name}_y_zero_point", aq.zero_point)
@@ -195,7 +195,7 @@ def qlinear_add(ctx: Ctx, node: onnx.NodeProto, aq: ActQuant, out: list) -> bool
     out.append(
         helper.make_node(
             "QLinearAdd",
-            [aq_, as_, az, bq, bs, bz, cs, cz],
+            [a_q, a_s, a_z, b_q, b_s, b_z, cs, cz],
             [cq],
             name=node.name,
             domain="com.microsoft",

@@ -150,12 +150,12 @@ def build_model(
         from jaxptq.export.onnx_translate import translate
 
         # Output quantization is planned for imported models only (`passes.full`).
-        planned = [sp.name for sp in qfn.plan.sites if sp.out_act_scale is not None]
-        planned += [a.name for a in qfn.plan.adds]
+        planned = [f"site `{sp.name}`" for sp in qfn.plan.sites if sp.out_act_scale is not None]
+        planned += [f"Add `{a.name}`" for a in qfn.plan.adds]
         if planned:
             raise NotImplementedError(
-                f"site `{planned[0]}` quantizes its output, which only an imported ONNX "
-                "model's export expresses; this function is translated from its jaxpr."
+                f"{planned[0]} quantizes its output, which only an imported ONNX model's "
+                "export expresses; this function is translated from its jaxpr."
             )
         source, refs = translate(qfn, example_args)
         source = _with_opset(source, _needed_opset(qfn))
