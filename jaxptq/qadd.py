@@ -100,12 +100,14 @@ def apply(args: Args, vals: list[Any]) -> Any:
     return requant.dequantize(codes, args)
 
 
-def _quantized_ends(graph: Graph, plans: Mapping[str, SitePlan]) -> dict[int, tuple[float, int]]:
+def _quantized_ends(
+    graph: Graph, plans: Mapping[str, SitePlan], ix: requant.GraphIndex
+) -> dict[int, tuple[float, int]]:
     """Value id -> (scale, zero point) for every value the program hands on as dequantized
     codes: the ends of chains a site's own output quantization ends."""
     return {
         chain.end.id: requant.chain_quant(chain, plans)
-        for chain in requant.find_chains(graph, plans)
+        for chain in requant.find_chains(graph, plans, ix)
         if not chain.consumers
     }
 
@@ -125,8 +127,8 @@ def plan_adds(
     already, whose output is no graph output and is read by a static site as its
     activation. The output takes that site's quantization, so the site reads the codes as
     they are."""
-    quant = _quantized_ends(graph, plans)
     ix = requant.GraphIndex.of(graph)
+    quant = _quantized_ends(graph, plans, ix)
 
     def static(name: str) -> bool:
         return requant.is_static(plans.get(name))

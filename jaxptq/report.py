@@ -378,6 +378,14 @@ def _correction(w: np.ndarray, wd: np.ndarray, axes: tuple[int, ...]) -> tuple[s
     return _per_channel(var_corr), _per_channel(mean_corr)
 
 
+def _activation_row(
+    node: str, node_type: str, tensor: str, shape: tuple[int, ...], scale: float, zero_point: int
+) -> list[Any]:
+    """A per-tensor 8-bit activation's quant_param.csv row (no weight corrections)."""
+    dims = " ".join(map(str, shape))
+    return [node, node_type, tensor, int(np.prod(shape)), dims, scale, zero_point, 8, 1.0, 0.0]
+
+
 def _quant_param_rows(
     matched: list[tuple[Site, SitePlan]], nodes: dict[str, Any]
 ) -> list[list[Any]]:
@@ -386,18 +394,14 @@ def _quant_param_rows(
         if not sp.quantized:
             continue
         node_type, x_name, w_name, y_name = _names(site, nodes)
-        x_shape = tuple(site.activation.aval.shape)
         if sp.act_mode == "static":
-            rows.append(
-                [site.name, node_type, x_name, int(np.prod(x_shape)), " ".join(map(str, x_shape)),
-                 float(sp.act_scale or 0.0), int(sp.act_zero_point or 0), 8, 1.0, 0.0]
-            )  # fmt: skip
+            x_shape = tuple(site.activation.aval.shape)
+            scale, zero_point = float(sp.act_scale or 0.0), int(sp.act_zero_point or 0)
+            rows.append(_activation_row(site.name, node_type, x_name, x_shape, scale, zero_point))
         if sp.out_act_scale is not None:  # an output the plan quantizes too (a target's)
             y_shape = tuple(site.node.outputs[0].aval.shape)
-            rows.append(
-                [site.name, node_type, y_name, int(np.prod(y_shape)), " ".join(map(str, y_shape)),
-                 float(sp.out_act_scale), int(sp.out_act_zero_point or 0), 8, 1.0, 0.0]
-            )  # fmt: skip
+            scale, zero_point = float(sp.out_act_scale), int(sp.out_act_zero_point or 0)
+            rows.append(_activation_row(site.name, node_type, y_name, y_shape, scale, zero_point))
         wd = dequantized_weight(sp)
         assert sp.weight_scale is not None and wd is not None
         var_corr, mean_corr = _correction(site.weight.astype(np.float32), wd, sp.channel_axes)
@@ -418,9 +422,10 @@ def _add_param_rows(adds: list[AddPlan], graph: Graph, nodes: dict[str, Any]) ->
         y_name = node.output[0] if node is not None else f"{add.name}/output"
         shape = tuple(traced[add.name].outputs[0].aval.shape)
         rows.append(
-            [add.name, "Add", y_name, int(np.prod(shape)), " ".join(map(str, shape)),
-             float(add.out_scale), int(add.out_zero_point), 8, 1.0, 0.0]
-        )  # fmt: skip
+            _activation_row(
+                add.name, "Add", y_name, shape, float(add.out_scale), int(add.out_zero_point)
+            )
+        )
     return rows
 
 

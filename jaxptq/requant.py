@@ -201,10 +201,13 @@ def _walk(site: Site, ix: GraphIndex) -> _Walk:
     return _Walk(tuple(folded), tuple(running), state, value)
 
 
-def find_chains(graph: Graph, plans: Mapping[str, SitePlan]) -> list[Chain]:
+def find_chains(
+    graph: Graph, plans: Mapping[str, SitePlan], ix: GraphIndex | None = None
+) -> list[Chain]:
     """Every producer -> folded ops -> int8 consumers chain of the graph, and every chain a
-    site's own output quantization ends (module doc)."""
-    ix = GraphIndex.of(graph)
+    site's own output quantization ends (module doc). `ix`: the graph's index, when the
+    caller has built it already."""
+    ix = ix or GraphIndex.of(graph)
     chains = []
     for site in graph.sites:
         plan = plans.get(site.name)

@@ -14,6 +14,7 @@ reference for the quantized programs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import platform
@@ -25,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from _timing import interleaved_times_ms
 from flax import nnx
 
 import jaxptq
@@ -69,26 +71,14 @@ class ConvNet(nnx.Module):
 def interleaved_latency_ms(
     fns: list[Callable[[Any], Any]], x: Any, repeats: int, min_s: float = 1.0
 ) -> list[float]:
-    """Median wall time of each of `fns`, all timed in the same loop: every round calls each
-    once, in an order drawn per round, for `repeats` rounds and more until the calls took
-    `min_s` in all, so every program sees the same load and the same neighbours.
+    """Median wall time of each of `fns` on `x`, all timed in the same loop
+    (`_timing.interleaved_times_ms`)."""
+    runs = [functools.partial(_ready, f, x) for f in fns]
+    return [float(t) for t in np.median(interleaved_times_ms(runs, repeats, min_s), axis=0)]
 
-    Pairs of (reference, program) timed apart drifted against each other: on the MLP the
-    float graph's median moved by 40% between two pairings, so ratios taken through it
-    disagreed with the medians they came from. Always calling the reference first had
-    favoured the second by 5-8% before that."""
-    for f in fns:
-        jax.block_until_ready(f(x))
-    times: list[list[float]] = [[] for _ in fns]
-    order = np.random.default_rng(0)
-    rounds = 0
-    while rounds < repeats or sum(map(sum, times)) < min_s:
-        for i in order.permutation(len(fns)):
-            start = time.perf_counter()
-            jax.block_until_ready(fns[i](x))
-            times[i].append(time.perf_counter() - start)
-        rounds += 1
-    return [float(np.median(t) * 1e3) for t in times]
+
+def _ready(fn: Callable[[Any], Any], x: Any) -> Any:
+    return jax.block_until_ready(fn(x))
 
 
 def compiled_int8_ops(fn: Callable[[Any], Any], x: Any) -> int:

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _timing import interleaved_times_ms
 from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -87,24 +88,6 @@ def latency_ms(run: Callable[[], Any], repeats: int) -> float:
         run()
         times.append(time.perf_counter() - t)
     return 1000 * min(times)
-
-
-def interleaved_times_ms(runs: list[Callable[[], Any]], repeats: int) -> np.ndarray:
-    """(repeats, len(runs)) times of `runs`, all timed in the same loop: every round calls
-    each once, in an order drawn per round, so every model sees the same load. Timed one
-    model after the other, onnxruntime's own models (timed first) and ours had swapped
-    places between two runs on this shared machine."""
-    for run in runs:
-        run()
-        run()
-    times: list[list[float]] = [[] for _ in runs]
-    order = np.random.default_rng(0)
-    for _ in range(repeats):
-        for i in order.permutation(len(runs)):
-            t = time.perf_counter()
-            runs[i]()
-            times[i].append(time.perf_counter() - t)
-    return 1000 * np.array(times).T
 
 
 def paired_ratio(times: np.ndarray, ours: int, base: int) -> tuple[float, float, float]:

@@ -17,12 +17,16 @@ import onnxruntime as ort
 SIGNED_INT8 = {"session.qdqisint8allowed": "1"}
 
 
-def ort_run(path: str | os.PathLike[str], x: np.ndarray, **config: str) -> np.ndarray:
+def _options(**config: str) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     for key, value in config.items():
         so.add_session_config_entry(key, value)
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return so
+
+
+def ort_run(path: str | os.PathLike[str], x: np.ndarray, **config: str) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), _options(**config), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
@@ -43,11 +47,8 @@ def ops(path: str | os.PathLike[str]) -> Counter:
 
 def runtime_ops(path: pathlib.Path, tmp_path: pathlib.Path, **config: str) -> Counter:
     """The op types onnxruntime runs after its (hardware-independent) graph fusions."""
-    so = ort.SessionOptions()
+    so = _options(**config)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    so.log_severity_level = 3
-    for key, value in config.items():
-        so.add_session_config_entry(key, value)
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return ops(tmp_path / "optimized.onnx")

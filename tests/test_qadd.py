@@ -141,11 +141,17 @@ def _residual(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-@pytest.mark.parametrize("target", ["DSP", "ASCEND"])
-def test_target_plan_runs_the_residual_add_on_codes(tmp_path, target):
-    src = _residual(tmp_path / "residual.onnx")
+@pytest.fixture
+def residual(tmp_path) -> tuple[pathlib.Path, list[np.ndarray]]:
+    """The residual block's file, and four calibration batches for it."""
     rng = np.random.default_rng(2)
     samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    return _residual(tmp_path / "residual.onnx"), samples
+
+
+@pytest.mark.parametrize("target", ["DSP", "ASCEND"])
+def test_target_plan_runs_the_residual_add_on_codes(tmp_path, residual, target):
+    src, samples = residual
     fn = import_onnx(src)
     qfn = ptq(fn, samples, {"quant_type": "FULL_QUANT", "target_device": target})
     (add,) = qfn.plan.adds
@@ -157,7 +163,7 @@ def test_target_plan_runs_the_residual_add_on_codes(tmp_path, target):
         qfn.plan["conv_c"].act_zero_point,
     )
     assert "skip" in str(qfn.plan) and "1 Adds on int8 codes" in str(qfn.plan)
-    x = rng.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    x = np.random.default_rng(3).normal(size=(64, 3, 8, 8)).astype(np.float32)
     want = np.asarray(qfn(x))
     # a saved plan keeps the Add and gives the same program
     qfn.plan.save(tmp_path / "plan")
@@ -176,19 +182,15 @@ def test_target_plan_runs_the_residual_add_on_codes(tmp_path, target):
     assert written["QLinearAdd"] == 1 and written["Add"] == 0
 
 
-def test_no_target_no_integer_adds(tmp_path):
+def test_no_target_no_integer_adds(residual):
     """The GENERIC plan computes Adds in float, as the JAX program always did."""
-    src = _residual(tmp_path / "residual.onnx")
-    rng = np.random.default_rng(2)
-    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+    src, samples = residual
     qfn = ptq(import_onnx(src), samples, {"quant_type": "FULL_QUANT"})
     assert qfn.plan.adds == []
 
 
-def test_debug_report_lists_the_adds_quantization(tmp_path):
-    src = _residual(tmp_path / "residual.onnx")
-    rng = np.random.default_rng(2)
-    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+def test_debug_report_lists_the_adds_quantization(tmp_path, residual):
+    src, samples = residual
     debug = tmp_path / "debug"
     config = {
         "quant_type": "FULL_QUANT",
@@ -204,10 +206,8 @@ def test_debug_report_lists_the_adds_quantization(tmp_path):
     assert int(row["ZeroPoint"]) == add.out_zero_point
 
 
-def test_a_malformed_add_in_a_saved_plan_is_named(tmp_path):
-    src = _residual(tmp_path / "residual.onnx")
-    rng = np.random.default_rng(2)
-    samples = [rng.normal(size=(8, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+def test_a_malformed_add_in_a_saved_plan_is_named(tmp_path, residual):
+    src, samples = residual
     qfn = ptq(import_onnx(src), samples, {"quant_type": "FULL_QUANT", "target_device": "DSP"})
     qfn.plan.save(tmp_path / "plan")
     meta_file = tmp_path / "plan" / "plan.json"

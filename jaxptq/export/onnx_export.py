@@ -35,20 +35,24 @@ def resolve_target(qfn: QuantizedFunction, target: str | None) -> TargetProfile:
     return TARGETS[name]
 
 
+def _code_type(target: TargetProfile) -> str:
+    return "uint8" if target.act_unsigned else "int8"
+
+
 def check_plan_fits(qfn: QuantizedFunction, target: TargetProfile) -> None:
     """A plan made for asymmetric activations cannot be exported to a symmetric target;
     one whose Adds run on codes of the other signedness still exports, with a warning."""
-    planned = qfn.plan.config.full_quant_param.target_device
-    if qfn.plan.adds and TARGETS[planned].act_unsigned != target.act_unsigned:
+    planned = TARGETS[qfn.plan.config.full_quant_param.target_device]
+    if qfn.plan.adds and planned.act_unsigned != target.act_unsigned:
         logger.warning(
             "the plan computes its %d Adds as %s's runtime does, on %s codes; %s's runtime "
             "rounds them on %s codes, so its outputs can differ slightly (ptq with "
             "target_device=%r agrees exactly)",
             len(qfn.plan.adds),
-            planned,
-            "uint8" if TARGETS[planned].act_unsigned else "int8",
+            planned.name,
+            _code_type(planned),
             target.name,
-            "uint8" if target.act_unsigned else "int8",
+            _code_type(target),
             target.name,
         )
     if not target.act_symmetric:

@@ -82,11 +82,10 @@ def plan_full_quant(
     _quantize_outputs(plans, unfused, result, target.act_symmetric)
     if full.bias_correction:
         apply_bias_correction(graphs, in_tree, sites, plans, samples)
-    adds = qadd.plan_adds(
-        graphs.first(),
-        {p.name: p for p in plans},
-        lambda node: op_types.get(node.scope) == "Add",
-    )
+    adds: list[AddPlan] = []
+    if op_types:  # a target that quantizes outputs, on an imported model
+        by_name = {p.name: p for p in plans}
+        adds = qadd.plan_adds(graphs.first(), by_name, lambda n: op_types.get(n.scope) == "Add")
     return plans, adds, result
 
 
